@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="refq",
+    version="0.1.0",
+    description="Reference implementation of low-bit weight quantization for LLaMA-family models (numpy + numba)",
+    packages=find_packages(include=["refq", "refq.*", "llama_np", "llama_np.*"]),
+    package_data={"refq": ["kernels/cuda/*.cu"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "numpy>=1.24",
+        "numba>=0.58",
+        "scipy>=1.10",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "gguf>=0.10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6"],
+        "gpu": ["cupy-cuda12x"],
+    },
+    entry_points={"console_scripts": ["refq=refq.cli:main"]},
+)
