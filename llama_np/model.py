@@ -1,0 +1,254 @@
+"""A LLaMA forward pass in numpy, top to bottom.
+
+    ids (T,)
+     │ embed_tokens                                     h (T, d)
+     ▼
+    ┌─ decoder layer ×L ─────────────────────────────────────────────┐
+    │ a = RMSNorm(h) · w_in                                          │
+    │ q, k, v = a Wqᵀ (+bq), a Wkᵀ (+bk), a Wvᵀ (+bv)                │
+    │ q, k = RoPE(q, pos), RoPE(k, pos)                              │
+    │ o = softmax(q kᵀ / √hd + causal mask) v   (grouped-query)      │
+    │ h = h + o Woᵀ                                                  │
+    │ m = RMSNorm(h) · w_post                                        │
+    │ h = h + (silu(m Wgᵀ) ⊙ (m Wuᵀ)) Wdᵀ        (SwiGLU MLP)        │
+    └────────────────────────────────────────────────────────────────┘
+     │ RMSNorm · w_final, then lm_head (or the tied embedding)
+     ▼
+    logits (T, vocab)
+
+Everything is float32, as in transformers' fp32 path. Two hooks serve the
+quantization code:
+  * every linear layer is an object with `.matmul(x)` (x (..., in) -> (..., out)),
+    so a quantized weight can replace `layer.linears[name]`;
+  * `DecoderLayer.forward(h, pos, on_input=f)` calls f(names, x) with the input
+    x (T, in) of each group of linears sharing that input, before using it.
+"""
+import math
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .config import LlamaConfig
+
+# The seven linear layers of a decoder layer, grouped by the input they share.
+# Names are those of Hugging Face checkpoints, relative to model.layers.{i}.
+LINEAR_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # input: RMSNorm(h)
+    ("self_attn.o_proj",),                                        # input: attention output
+    ("mlp.gate_proj", "mlp.up_proj"),                             # input: RMSNorm(h)
+    ("mlp.down_proj",),                                           # input: silu(g) * u
+)
+LINEAR_NAMES = tuple(n for group in LINEAR_GROUPS for n in group)
+
+
+class Linear:
+    """A dense linear layer without bias: y = x Wᵀ, W (out, in) float32."""
+
+    def __init__(self, weight):
+        self.weight = weight                                     # (out, in)
+        self.shape = weight.shape
+
+    def matmul(self, x):                                         # (..., in) -> (..., out)
+        return x @ self.weight.T
+
+    def dequantize(self):
+        return np.asarray(self.weight, dtype=np.float32)
+
+
+def rms_norm(x, w, eps):
+    """x / sqrt(mean(x²) + eps) · w, per row.  x (T, d), w (d,)."""
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + np.float32(eps))) * w
+
+
+def silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+def rope_inv_freq(cfg):
+    """The RoPE frequencies θ_i = base^(−2i/hd), i < hd/2, with optional scaling.
+
+    Computed in float32 like transformers, so that angles match it bit for bit
+    up to the last rounding of pow.
+    """
+    hd = cfg.head_dim
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta)
+           ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    factor = float(sc["factor"])
+    if sc["rope_type"] == "linear":          # positions / factor
+        return (inv / np.float32(factor)).astype(np.float32)
+    # llama3 (Llama 3.1): long wavelengths slowed by `factor`, short ones kept,
+    # a linear blend in between.
+    low = float(sc.get("low_freq_factor", 1.0))
+    high = float(sc.get("high_freq_factor", 4.0))
+    old = float(sc.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv
+    out = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * out / factor + smooth * out
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, blended, out).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq, pos):
+    """cos and sin of the angles pos · θ, each (T, hd), the halves repeated."""
+    ang = pos.astype(np.float32)[:, None] * inv_freq[None, :]      # (T, hd/2)
+    ang = np.concatenate([ang, ang], axis=-1)                      # (T, hd)
+    return np.cos(ang), np.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+hd/2}) by the position's angle (HF's rotate_half).
+
+    x (T, n_heads, hd); cos, sin (T, hd).
+    """
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, preallocated to max_len."""
+
+    def __init__(self, cfg, max_len):
+        shape = (cfg.num_hidden_layers, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)    # (L, max_len, n_kv, hd)
+        self.v = np.zeros(shape, np.float32)    # (L, max_len, n_kv, hd)
+        self.max_len = max_len
+        self.length = 0                         # positions filled so far
+
+
+class DecoderLayer:
+    def __init__(self, cfg, index, get):
+        """get(name, shape) -> float32 array; name relative to the layer."""
+        d, hd = cfg.hidden_size, cfg.head_dim
+        nh, nkv, ff = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+        self.cfg, self.index = cfg, index
+        self.inv_freq = rope_inv_freq(cfg)                              # (hd/2,)
+        self.input_norm = get("input_layernorm.weight", (d,))            # (d,)
+        self.post_norm = get("post_attention_layernorm.weight", (d,))    # (d,)
+        shapes = {
+            "self_attn.q_proj": (nh * hd, d), "self_attn.k_proj": (nkv * hd, d),
+            "self_attn.v_proj": (nkv * hd, d), "self_attn.o_proj": (d, nh * hd),
+            "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff),
+        }
+        self.linears = {n: Linear(get(n + ".weight", s)) for n, s in shapes.items()}
+        self.biases = {}                                                 # name -> (out,)
+        if cfg.attention_bias:
+            for n in LINEAR_GROUPS[0]:
+                self.biases[n] = get(n + ".bias", (shapes[n][0],))
+
+    def _linear(self, name, x):
+        y = self.linears[name].matmul(x)
+        b = self.biases.get(name)
+        return y if b is None else y + b
+
+    def forward(self, h, pos, cache=None, on_input=None):
+        """One decoder layer.  h (T, d) float32; pos (T,) absolute positions.
+
+        With a cache, the new keys/values are written at cache rows pos and
+        attention sees all positions < pos[-1] + 1 (pos must continue the cache).
+        """
+        cfg = self.cfg
+        T = h.shape[0]
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+        # --- attention ---
+        a = rms_norm(h, self.input_norm, cfg.rms_norm_eps)               # (T, d)
+        if on_input is not None:
+            on_input(LINEAR_GROUPS[0], a)
+        q = self._linear("self_attn.q_proj", a).reshape(T, nh, hd)
+        k = self._linear("self_attn.k_proj", a).reshape(T, nkv, hd)
+        v = self._linear("self_attn.v_proj", a).reshape(T, nkv, hd)
+        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.k[self.index, pos] = k
+            cache.v[self.index, pos] = v
+            S = int(pos[-1]) + 1
+            k, v = cache.k[self.index, :S], cache.v[self.index, :S]      # (S, nkv, hd)
+        S = k.shape[0]
+        rep = nh // nkv                     # query heads per key/value head
+        # (contiguous copies: numpy's stacked matmul only uses BLAS on those)
+        qg = np.ascontiguousarray(q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3))  # (nkv, rep, T, hd)
+        kg = np.ascontiguousarray(k.transpose(1, 2, 0))                  # (nkv, hd, S)
+        vg = np.ascontiguousarray(v.transpose(1, 0, 2))                  # (nkv, S, hd)
+        scores = (qg @ kg[:, None]) * np.float32(1.0 / math.sqrt(hd))    # (nkv, rep, T, S)
+        # causal mask: query at position pos[t] sees keys at positions <= pos[t]
+        masked = np.arange(S)[None, :] > pos[:, None]                    # (T, S)
+        scores = np.where(masked, np.float32(-np.inf), scores)
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        o = (p @ vg[:, None])                                            # (nkv, rep, T, hd)
+        o = o.transpose(2, 0, 1, 3).reshape(T, nh * hd)                  # (T, nh*hd)
+        if on_input is not None:
+            on_input(LINEAR_GROUPS[1], o)
+        h = h + self._linear("self_attn.o_proj", o)
+
+        # --- SwiGLU MLP ---
+        m = rms_norm(h, self.post_norm, cfg.rms_norm_eps)                # (T, d)
+        if on_input is not None:
+            on_input(LINEAR_GROUPS[2], m)
+        g = silu(self._linear("mlp.gate_proj", m)) * self._linear("mlp.up_proj", m)  # (T, ff)
+        if on_input is not None:
+            on_input(LINEAR_GROUPS[3], g)
+        return h + self._linear("mlp.down_proj", g)
+
+
+class Llama:
+    """The whole model: embedding, decoder layers, final norm, lm_head."""
+
+    def __init__(self, cfg, get):
+        """get(name, shape) -> float32 array for a full checkpoint tensor name."""
+        self.cfg = cfg
+        d, V = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = get("model.embed_tokens.weight", (V, d))     # (V, d)
+        self.layers = [
+            DecoderLayer(cfg, i, lambda n, s, i=i: get(f"model.layers.{i}.{n}", s))
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.norm = get("model.norm.weight", (d,))                       # (d,)
+        if cfg.tie_word_embeddings:
+            self.lm_head = Linear(self.embed_tokens)
+        else:
+            self.lm_head = Linear(get("lm_head.weight", (V, d)))
+
+    # The three stages separately, for layer-by-layer calibration.
+    def embed(self, ids):                                                # (T,) -> (T, d)
+        return np.asarray(self.embed_tokens[np.asarray(ids)], dtype=np.float32)
+
+    def head(self, h):                                                   # (T, d) -> (T, V)
+        return self.lm_head.matmul(rms_norm(h, self.norm, self.cfg.rms_norm_eps))
+
+    def new_cache(self, max_len):
+        return KVCache(self.cfg, max_len)
+
+    def forward(self, ids, cache=None):
+        """Logits (T, vocab) float32 for token ids (T,).
+
+        Without a cache the ids are positions 0..T-1. With one, they continue
+        it at positions cache.length.. and the cache grows by T.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        start = 0 if cache is None else cache.length
+        pos = np.arange(start, start + len(ids))
+        if cache is not None and pos[-1] >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, "
+                             f"needs {pos[-1] + 1}")
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer.forward(h, pos, cache)
+        if cache is not None:
+            cache.length = start + len(ids)
+        return self.head(h)
+
+
+def load_model(folder):
+    """A Llama from a Hugging Face folder (config.json + *.safetensors)."""
+    cfg = LlamaConfig.load(folder)
+    ckpt = Checkpoint(folder)
+    return Llama(cfg, ckpt.get)

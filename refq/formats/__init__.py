@@ -1,0 +1,13 @@
+"""Storage formats of quantized weights.
+
+base.py     QuantizedWeight (the common interface), FORMATS registry, load_quantized
+packing.py  bit packing of 1..8-bit codes into bytes (documented bit order)
+uniform.py  "uniform": integer codes + per-(row, group) scale/zero (RTN, GPTQ)
+"""
+
+from refq.formats.base import FORMATS, QuantizedWeight, load_quantized, register_format
+from refq.formats.packing import pack, packed_nbytes, unpack
+from refq.formats.uniform import UniformWeight
+
+__all__ = ["FORMATS", "QuantizedWeight", "load_quantized", "register_format",
+           "pack", "unpack", "packed_nbytes", "UniformWeight"]

@@ -1,0 +1,32 @@
+"""Load a model for inference: a Hugging Face folder or a refq packed checkpoint."""
+import json
+import os
+
+from refq.errors import RefqError
+
+
+def is_packed(path):
+    """True if path is a refq packed checkpoint (config.json has quantization_config)."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    q = d.get("quantization_config") if isinstance(d, dict) else None
+    return isinstance(q, dict) and q.get("quant_method") == "refq"
+
+
+def load_for_inference(path=None):
+    """(model, tokenizer, folder) for --model PATH (default: the fetched SmolLM2)."""
+    from llama_np import Tokenizer, load_model
+    from refq.fetch import resolve_model
+    folder = resolve_model(path)
+    if is_packed(folder):
+        from refq.checkpoint import load_packed_model
+        model = load_packed_model(folder)
+    else:
+        model = load_model(folder)
+    return model, Tokenizer(folder), folder
