@@ -65,6 +65,10 @@ class LlamaConfig:
                 raise RefqError(f"{source}: unsupported rope_scaling type {kind!r} "
                                 "(supported: default, linear, llama3)")
             scaling = None if kind == "default" else dict(scaling, rope_type=kind)
+            f = scaling and scaling.get("factor")
+            if scaling and (isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0):
+                raise RefqError(f"{source}: rope_scaling {kind!r} needs a positive "
+                                f"'factor', got {f!r}")
         bias = d.get("attention_bias", mt == "qwen2")
         return cls(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],

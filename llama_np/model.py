@@ -122,8 +122,13 @@ class KVCache:
 
 
 class DecoderLayer:
-    def __init__(self, cfg, index, get):
-        """get(name, shape) -> float32 array; name relative to the layer."""
+    def __init__(self, cfg, index, get, get_linear=None):
+        """get(name, shape) -> float32 array; name relative to the layer.
+
+        get_linear(name, shape) -> an object with .matmul, for the seven linear
+        layers (default: Linear(get(name + ".weight", shape))); a packed
+        checkpoint passes one that builds quantized weights.
+        """
         d, hd = cfg.hidden_size, cfg.head_dim
         nh, nkv, ff = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
         self.cfg, self.index = cfg, index
@@ -135,7 +140,9 @@ class DecoderLayer:
             "self_attn.v_proj": (nkv * hd, d), "self_attn.o_proj": (d, nh * hd),
             "mlp.gate_proj": (ff, d), "mlp.up_proj": (ff, d), "mlp.down_proj": (d, ff),
         }
-        self.linears = {n: Linear(get(n + ".weight", s)) for n, s in shapes.items()}
+        if get_linear is None:
+            get_linear = lambda n, s: Linear(get(n + ".weight", s))
+        self.linears = {n: get_linear(n, s) for n, s in shapes.items()}
         self.biases = {}                                                 # name -> (out,)
         if cfg.attention_bias:
             for n in LINEAR_GROUPS[0]:
@@ -202,15 +209,18 @@ class DecoderLayer:
 class Llama:
     """The whole model: embedding, decoder layers, final norm, lm_head."""
 
-    def __init__(self, cfg, get):
-        """get(name, shape) -> float32 array for a full checkpoint tensor name."""
+    def __init__(self, cfg, get, get_linear=None):
+        """get(name, shape) -> float32 array for a full checkpoint tensor name;
+        get_linear(name, shape) -> object with .matmul for a full linear name
+        (e.g. "model.layers.0.mlp.up_proj"), or None for dense weights."""
         self.cfg = cfg
         d, V = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = get("model.embed_tokens.weight", (V, d))     # (V, d)
-        self.layers = [
-            DecoderLayer(cfg, i, lambda n, s, i=i: get(f"model.layers.{i}.{n}", s))
-            for i in range(cfg.num_hidden_layers)
-        ]
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            lin = None if get_linear is None else (lambda n, s, p=pre: get_linear(p + n, s))
+            self.layers.append(DecoderLayer(cfg, i, lambda n, s, p=pre: get(p + n, s), lin))
         self.norm = get("model.norm.weight", (d,))                       # (d,)
         if cfg.tie_word_embeddings:
             self.lm_head = Linear(self.embed_tokens)

