@@ -16,7 +16,8 @@ implementations get exactly the same ids, and no tokenizer is needed here.
 
 Either side is skipped with a message if it cannot be imported. To time both,
 run under a Python that has torch+transformers (see
-tests/fixtures/make_reference.py for the /tmp/tfenv venv) and can import refq:
+tests/fixtures/make_reference.py for the /tmp/tfenv venv, plus
+`/tmp/tfenv/bin/pip install scipy` for refq) and can import refq:
 
     PYTHONPATH=. /tmp/tfenv/bin/python benchmarks/bench_forward.py \
         [--model FOLDER] [--gguf PATH] [--repeats 3]

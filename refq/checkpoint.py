@@ -80,8 +80,10 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "refq", "format_version": str(FORMAT_VERSION)})
+        # one metadata key only: the safetensors library writes the metadata
+        # map in hash order, so two keys made runs differ byte-wise (the format
+        # version is in config.json)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "refq"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=False)
         for name in _COPY:
@@ -143,6 +145,13 @@ def load_packed(folder):
     cfg = LlamaConfig.load(folder)
     ckpt = Checkpoint(folder)
     qws = {n: load_quantized_linear(ckpt, n, m) for n, m in qc["layers"].items()}
+    from llama_np.model import LINEAR_NAMES
+    for i in range(cfg.num_hidden_layers):     # every linear: quantized or stored dense
+        for n in LINEAR_NAMES:
+            full = f"model.layers.{i}.{n}"
+            if full not in qws and full + ".weight" not in ckpt:
+                raise RefqError(f"{folder}: linear {full} has no entry in "
+                                "quantization_config.layers and no dense weight")
     return cfg, ckpt, qc, qws
 
 

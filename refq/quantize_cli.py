@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -86,6 +87,40 @@ def _given_options(args):
     return opts
 
 
+def _check_options(method, opts):
+    """Each given option: known to the method and valid, else an error naming its flag."""
+    from refq.api import OPTION_CHECKS
+    from refq.methods import METHODS
+    known = METHODS[method].defaults
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if k not in known:
+            raise RefqError(f"{flag}: not an option of method {method} (its options: "
+                            f"{', '.join('--' + o.replace('_', '-') for o in sorted(known))})")
+        check = OPTION_CHECKS.get(k)
+        msg = check(v) if check else None
+        if msg:
+            raise RefqError(f"{flag} {v}: {msg}")
+
+
+def _check_finite(model, folder):
+    """Refuse a model with a NaN/Inf in any tensor before any work, naming the tensor."""
+    tensors = [("model.embed_tokens.weight", model.embed_tokens), ("model.norm.weight", model.norm)]
+    if not model.cfg.tie_word_embeddings:
+        tensors.append(("lm_head.weight", model.lm_head.weight))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", layer.input_norm),
+                    (p + "post_attention_layernorm.weight", layer.post_norm)]
+        tensors += [(p + n + ".bias", b) for n, b in layer.biases.items()]
+        tensors += [(p + n + ".weight", lin.weight) for n, lin in layer.linears.items()]
+    for name, t in tensors:
+        finite = np.isfinite(t)
+        if not finite.all():
+            raise RefqError(f"--model {folder}: tensor {name} has "
+                            f"{finite.size - np.count_nonzero(finite)} NaN/Inf values")
+
+
 def _eval(model, ids, what):
     from tqdm import tqdm
 
@@ -115,7 +150,9 @@ def cmd_quantize(args):
     if "seed" in METHODS[args.method].defaults:
         opts.setdefault("seed", args.seed)
     check_out_dir(args.out, args.force)
-    # Validate every option now (on a tiny problem) rather than after calibration.
+    # Validate every option now (on a tiny problem) rather than after calibration,
+    # naming the flag at fault.
+    _check_options(args.method, opts)
     quantize_weight(np.zeros((2, 8), np.float32), np.eye(8), args.method, **opts)
 
     folder = resolve_model(args.model)
@@ -123,6 +160,7 @@ def cmd_quantize(args):
         raise RefqError(f"--model {folder}: already a packed checkpoint; give the original model")
     t_start = time.perf_counter()
     model, tok = load_model(folder), Tokenizer(folder)
+    _check_finite(model, folder)
     calib_text = read_text(args.calib, "--calib")
     windows = calibration_windows(tok.encode(calib_text), args.nsamples, args.seqlen, args.seed)
     eval_ids = None
@@ -136,7 +174,11 @@ def cmd_quantize(args):
     rows, quantized = [], {}
 
     def quantize(name, W, H):
-        q = quantize_weight(W, H, args.method, name=name, **opts)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            q = quantize_weight(W, H, args.method, name=name, **opts)
+        for w in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
+            tqdm.write(f"warning: {w.message}", file=sys.stderr)
         loss = layer_loss(W, q.dequantize(), H)
         rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
         quantized[name] = q

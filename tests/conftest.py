@@ -195,3 +195,10 @@ def tiny_ckpt(tmp_path):
         folder = str(tmp_path / f"tiny{count[0]}")
         return folder, write_tiny_checkpoint(folder, **kw)
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real default model's HF folder (SmolLM2-135M-Instruct), fetched once."""
+    from refq.fetch import ensure_default_model
+    return ensure_default_model(progress=False)

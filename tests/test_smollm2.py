@@ -17,12 +17,6 @@ EVAL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "eval.tx
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    from refq.fetch import ensure_default_model
-    return ensure_default_model(progress=False)
-
-
-@pytest.fixture(scope="module")
 def ref():
     return dict(np.load(FIXTURE, allow_pickle=False))
 

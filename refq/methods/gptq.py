@@ -50,6 +50,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 from numba import njit
 
 from refq.errors import RefqError
@@ -112,23 +113,29 @@ def inverse_cholesky(H, percdamp, name=""):
     """H (n, n) float64 (dead channels already fixed) -> (U, percdamp_used, retries).
 
     U is upper triangular with H_damped^-1 = Uᵀ U.
+
+    Computed without forming H^-1 (one Cholesky + one triangular inverse instead
+    of the reference's Cholesky, inverse, Cholesky): with J the exchange matrix
+    (index reversal) and J Hd J = L Lᵀ (lower L),
+        Hd^-1 = J L^-ᵀ L^-1 J = Uᵀ U   with   U = J L^-1 J,
+    which is upper triangular with a positive diagonal, hence THE upper
+    Cholesky factor of Hd^-1 (unique).
     """
     n = H.shape[0]
+    diag = np.arange(n)
     mean_diag = float(np.mean(np.diag(H)))
-    eye = np.eye(n)
+    Hr = np.ascontiguousarray(H[::-1, ::-1])                 # J H J
     p = percdamp
     for attempt in range(MAX_RETRIES + 1):
-        Hd = H + (p * mean_diag) * eye
-        try:
-            L = scipy.linalg.cholesky(Hd, lower=True)                   # Hd = L Lᵀ
-            Linv = scipy.linalg.solve_triangular(L, eye, lower=True)    # L^-1
-            Hinv = Linv.T @ Linv                                        # Hd^-1 (cholesky_inverse)
-            U = scipy.linalg.cholesky(Hinv, lower=False)                # Hd^-1 = Uᵀ U
-            if not np.all(np.isfinite(U)):
-                raise np.linalg.LinAlgError("non-finite factor")
-        except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        A = Hr.copy()
+        A[diag, diag] += p * mean_diag                       # J Hd J
+        L, info = scipy.linalg.lapack.dpotrf(A, lower=1, clean=1, overwrite_a=1)
+        if info == 0:
+            L, info = scipy.linalg.lapack.dtrtri(L, lower=1, overwrite_c=1)   # L^-1
+        if info != 0 or not np.all(np.isfinite(L)):
             p *= 10
             continue
+        U = np.ascontiguousarray(L[::-1, ::-1])             # J L^-1 J, upper
         if attempt:
             warnings.warn(f"{name or 'gptq'}: Cholesky of the damped Hessian failed with "
                           f"percdamp={percdamp:g}; used percdamp={p:g} "

@@ -1,0 +1,243 @@
+"""refq.calibrate: calibration windows, Hessian accumulation, layer-sequential quantization.
+
+Truth comes from outside the code under test: H is recomputed in float64 from
+inputs rebuilt by the float64 reference layer of test_llama_np (or by hand),
+and the sequential loop is checked through quantizers whose effect on the
+next inputs is known exactly (identity, zeroing).
+"""
+import numpy as np
+import pytest
+
+from conftest import write_tiny_checkpoint
+from llama_np import LINEAR_GROUPS, Linear, load_model
+from llama_np.model import LINEAR_NAMES
+from refq.calibrate import (HessianAccumulator, calibration_windows, capture_hessians,
+                            quantize_layers)
+from refq.errors import RefqError
+from test_llama_np import ref_config, ref_layer, ref_rms
+
+QKV, O, GATE_UP, DOWN = LINEAR_GROUPS
+KEYS = {QKV: "attn_in", O: "o_in", GATE_UP: "mlp_in", DOWN: "down_in"}
+
+
+def gram64(xs):
+    """mean x xᵀ over all rows of all xs, in float64: (in, in)."""
+    X = np.concatenate([np.asarray(x, np.float64) for x in xs])
+    return X.T @ X / len(X)
+
+
+def assert_h_close(H, want, rtol=1e-5):
+    """H vs a float64 reference, relative to the reference's largest entry."""
+    assert H.shape == want.shape and H.dtype == np.float64
+    np.testing.assert_allclose(H, want, rtol=0, atol=rtol * np.abs(want).max())
+
+
+# =========================================================================== windows
+def test_windows_shape_dtype_and_contiguous_slices():
+    ids = np.arange(1000) * 3 + 7                    # every id unique: its position is known
+    w = calibration_windows(ids.tolist(), nsamples=20, seqlen=16, seed=5)
+    assert w.shape == (20, 16) and w.dtype == np.int64
+    for row in w:
+        s = (row[0] - 7) // 3
+        assert 0 <= s <= 1000 - 16
+        np.testing.assert_array_equal(row, ids[s:s + 16])
+
+
+def test_windows_deterministic_by_seed_and_seeds_differ():
+    ids = np.arange(5000)
+    a = calibration_windows(ids, 8, 32, seed=0)
+    np.testing.assert_array_equal(a, calibration_windows(ids, 8, 32, seed=0))
+    b = calibration_windows(ids, 8, 32, seed=1)
+    assert not np.array_equal(a, b)
+
+
+def test_windows_reach_both_ends():
+    # 8 tokens, seqlen 4: the starts 0..4 are all possible, the last one included
+    ids = np.arange(10, 18)
+    starts = {int(r[0]) - 10 for s in range(200) for r in calibration_windows(ids, 2, 4, seed=s)}
+    assert starts == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("n_ids,nsamples,seqlen", [(50, 4, 16), (63, 4, 16), (10, 1, 16)])
+def test_windows_text_too_short(n_ids, nsamples, seqlen):
+    with pytest.raises(RefqError) as e:
+        calibration_windows(np.arange(n_ids), nsamples, seqlen, seed=0)
+    msg = str(e.value)
+    assert f"{n_ids} tokens" in msg
+    assert f"--nsamples {nsamples}" in msg and f"--seqlen {seqlen}" in msg
+    assert str(nsamples * seqlen) in msg
+
+
+def test_windows_bad_sizes():
+    with pytest.raises(RefqError, match="--nsamples 0"):
+        calibration_windows(np.arange(100), 0, 8)
+    with pytest.raises(RefqError, match="--seqlen 1"):
+        calibration_windows(np.arange(100), 4, 1)
+
+
+# =========================================================================== Hessian
+def test_hessian_accumulator_matches_float64():
+    rng = np.random.default_rng(0)
+    n = 37
+    mix = rng.standard_normal((n, n)).astype(np.float32)
+    chunks = [(rng.standard_normal((T, n)).astype(np.float32) @ mix + 0.5).astype(np.float32)
+              for T in (1, 13, 64, 200, 7)]
+    acc = HessianAccumulator(n)
+    for x in chunks:
+        acc.add(x)
+    H = acc.mean()
+    assert acc.tokens == sum(len(x) for x in chunks)
+    assert H.dtype == np.float64 and H.shape == (n, n)
+    assert np.array_equal(H, H.T)                                # exactly symmetric
+    assert_h_close(H, gram64(chunks), rtol=1e-6)                # float32 syrk per chunk
+
+
+def test_hessian_accumulator_takes_views_and_float64():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 24))
+    acc = HessianAccumulator(12)
+    acc.add(x[:, ::2])                                           # strided float64 view
+    acc.add(x[::3, 1::2].T.copy().T)                             # Fortran-ordered
+    want = gram64([x[:, ::2].astype(np.float32), x[::3, 1::2].astype(np.float32)])
+    assert_h_close(acc.mean(), want, rtol=1e-6)
+
+
+# =========================================================================== capture
+def _tiny(tmp_path, bias):
+    folder = str(tmp_path / "tiny")
+    W = write_tiny_checkpoint(folder, attention_bias=bias, layers=2)
+    rng = np.random.default_rng(3)
+    windows = rng.integers(2, 64, size=(3, 10))
+    return folder, W, ref_config(folder), windows
+
+
+@pytest.fixture
+def tiny_bias(tmp_path):
+    """With q/k/v biases: the captured inputs must not include them."""
+    return _tiny(tmp_path, True)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """No biases: a zeroed v_proj makes the attention output exactly 0."""
+    return _tiny(tmp_path, False)
+
+
+def test_capture_hessians_every_group(tiny_bias):
+    folder, W, c, windows = tiny_bias
+    model = load_model(folder)
+    hs = [model.embed(w) for w in windows]
+    pos = np.arange(windows.shape[1])
+    Hs = capture_hessians(model.layers[0], hs, pos, list(LINEAR_GROUPS))
+    assert set(Hs) == set(LINEAR_GROUPS)
+    inter = [ref_layer(W, c, 0, h.astype(np.float64))[1] for h in hs]
+    for g in LINEAR_GROUPS:
+        want = gram64([it[KEYS[g]] for it in inter])
+        assert_h_close(Hs[g], want)
+        assert np.array_equal(Hs[g], Hs[g].T)
+    # q/k/v's input by hand: RMSNorm(h) * w
+    a = [ref_rms(h.astype(np.float64), W["model.layers.0.input_layernorm.weight"], c["eps"])
+         for h in hs]
+    assert_h_close(Hs[QKV], gram64(a))
+
+
+class _Boom:
+    def __init__(self, shape):
+        self.shape = shape
+
+    def matmul(self, x):
+        raise AssertionError("the forward pass was not cut short")
+
+
+def test_capture_one_group_cuts_forward_short(tiny):
+    folder, W, c, windows = tiny
+    model = load_model(folder)
+    layer = model.layers[1]
+    for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        layer.linears[n] = _Boom(layer.linears[n].shape)      # after q/k/v: never reached
+    hs = [model.embed(w) for w in windows]
+    Hs = capture_hessians(layer, hs, np.arange(windows.shape[1]), [QKV])
+    assert list(Hs) == [QKV]
+    a = [ref_rms(h.astype(np.float64), W["model.layers.1.input_layernorm.weight"], c["eps"])
+         for h in hs]
+    assert_h_close(Hs[QKV], gram64(a))
+
+
+# =========================================================================== quantize_layers
+def test_identity_quantizer_leaves_logits_and_calls_in_order(tiny_bias):
+    folder, W, c, windows = tiny_bias
+    model = load_model(folder)
+    ids = windows[0]
+    before = model.forward(ids)
+    calls, logged = [], []
+
+    def quantize(name, Wq, H):
+        np.testing.assert_array_equal(Wq, W[name + ".weight"])
+        assert Wq.dtype == np.float32 and H.dtype == np.float64
+        assert H.shape == (Wq.shape[1], Wq.shape[1])
+        calls.append(name)
+        return Linear(np.array(Wq))
+
+    done = quantize_layers(model, windows, quantize, log=lambda i, s: logged.append(i))
+    order = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    want = [f"model.layers.{i}.{n}" for i in range(2) for n in order]
+    assert calls == want
+    assert [n for n, _ in done] == want
+    assert logged == [0, 1]
+    np.testing.assert_array_equal(model.forward(ids), before)
+    assert tuple(order) == LINEAR_NAMES
+
+
+def _collect(model, windows, zero, true_sequential):
+    """Run quantize_layers with a quantizer zeroing the linears in `zero`; {name: H}."""
+    seen = {}
+
+    def quantize(name, Wq, H):
+        seen[name] = H
+        return Linear(np.zeros_like(Wq) if name in zero else np.array(Wq))
+
+    quantize_layers(model, windows, quantize, true_sequential=true_sequential)
+    return seen
+
+
+def test_true_sequential_recaptures_after_each_group(tiny):
+    folder, W, c, windows = tiny
+    zero = {"model.layers.0.self_attn.v_proj"}
+    seq = _collect(load_model(folder), windows, zero, True)
+    # v = 0 -> attention output 0 -> o_proj's input is exactly 0
+    assert not np.any(seq["model.layers.0.self_attn.o_proj"])
+    # ... and the residual passes h unchanged: gate/up see RMSNorm(embed) * w_post
+    model = load_model(folder)
+    hs = [model.embed(w) for w in windows]
+    m = [ref_rms(h.astype(np.float64), W["model.layers.0.post_attention_layernorm.weight"],
+                 c["eps"]) for h in hs]
+    assert_h_close(seq["model.layers.0.mlp.gate_proj"], gram64(m))
+    assert seq["model.layers.0.mlp.gate_proj"] is seq["model.layers.0.mlp.up_proj"]
+
+    # default mode: every H of the layer comes from the original weights
+    par = _collect(load_model(folder), windows, zero, False)
+    Ho = par["model.layers.0.self_attn.o_proj"]
+    assert np.abs(Ho).max() > 1e-3
+    fresh = load_model(folder)
+    want = capture_hessians(fresh.layers[0], [fresh.embed(w) for w in windows],
+                            np.arange(windows.shape[1]), [O])[O]
+    np.testing.assert_array_equal(Ho, want)
+
+
+def test_next_layer_sees_quantized_outputs(tiny):
+    folder, W, c, windows = tiny
+    zero = {f"model.layers.0.{n}" for n in LINEAR_NAMES}
+    for true_sequential in (False, True):
+        seen = _collect(load_model(folder), windows, zero, true_sequential)
+        # layer 0 adds nothing: layer 1's input is the embedding itself
+        emb = [W["model.embed_tokens.weight"][w].astype(np.float64) for w in windows]
+        a = [ref_rms(e, W["model.layers.1.input_layernorm.weight"], c["eps"]) for e in emb]
+        want = gram64(a)
+        H1 = seen["model.layers.1.self_attn.q_proj"]
+        assert_h_close(H1, want)
+        # (not what the dense layer 0 would have given: the test can tell them apart)
+        dense = [ref_layer(W, c, 0, e)[0] for e in emb]
+        a_dense = [ref_rms(h, W["model.layers.1.input_layernorm.weight"], c["eps"])
+                   for h in dense]
+        assert np.abs(gram64(a_dense) - want).max() > 100 * 1e-5 * np.abs(want).max()
