@@ -31,6 +31,8 @@ def run_json(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nsamples", default="32")
+    ap.add_argument("--rtn-nsamples", default="4",
+                    help="RTN ignores H; calibration only feeds the per-layer loss column")
     ap.add_argument("--seqlen", default="512")
     ap.add_argument("--out-dir", default="/tmp/refq-bench")
     ap.add_argument("--methods", default="rtn,gptq")
@@ -44,14 +46,15 @@ def main():
         for label, flags in CONFIGS:
             extra = ["--act-order"] if method == "gptq" else []
             out = os.path.join(a.out_dir, f"{method}-{label.replace(' ', '-')}")
-            q = run_json(["quantize", "--method", method, *flags, *extra, "--nsamples", a.nsamples,
+            ns = a.rtn_nsamples if method == "rtn" else a.nsamples
+            q = run_json(["quantize", "--method", method, *flags, *extra, "--nsamples", ns,
                           "--seqlen", a.seqlen, "--out", out, "--force", "--json"])
             e = run_json(["eval", "--model", out, "--json"])
             rows.append((method + (" act_order" if extra else ""), label, q["bits_per_weight"],
                          e["ppl"], q["seconds"]))
             print(rows[-1], file=sys.stderr, flush=True)
     print(f"Command: `python benchmarks/bench_quantize_ppl.py --nsamples {a.nsamples} "
-          f"--seqlen {a.seqlen}`; machine: {platform.machine()}, {os.cpu_count()} cores.\n")
+          f"--rtn-nsamples {a.rtn_nsamples} --seqlen {a.seqlen}`; machine: {platform.machine()}, {os.cpu_count()} cores.\n")
     print(f"| method | config | bits/weight | ppl (eval.txt, ctx 512) | ppl / fp32 | quantize s |")
     print("|---|---|---|---|---|---|")
     for m, c, bpw, ppl, secs in rows:
