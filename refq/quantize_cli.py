@@ -56,9 +56,10 @@ def add_commands(sub):
                            default=None, help=helptext)
         elif default is None or k == "group_size":
             g.add_argument(flag, dest="opt_" + k, type=_optional_int, default=argparse.SUPPRESS,
-                           help=helptext + "; 'none' = per output row")
+                           metavar=k.upper(), help=helptext + "; 'none' = per output row")
         else:
-            g.add_argument(flag, dest="opt_" + k, type=type(default), default=None, help=helptext)
+            g.add_argument(flag, dest="opt_" + k, type=type(default), default=None,
+                           metavar=k.upper(), help=helptext)
     s.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (default: data/calib.txt)")
     s.add_argument("--nsamples", type=int, default=128)
     s.add_argument("--seqlen", type=int, default=512)
