@@ -202,3 +202,16 @@ def smollm2_path():
     """The real default model's HF folder (SmolLM2-135M-Instruct), fetched once."""
     from refq.fetch import ensure_default_model
     return ensure_default_model(progress=False)
+
+
+# --------------------------------------------------------------------------- CLI errors
+def assert_one_line_error(rc, out, err, *must_name):
+    lines = err.splitlines()
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    for s in must_name:
+        assert s in lines[0], (s, lines[0])
+    assert out == "", out
+    return lines[0]
+

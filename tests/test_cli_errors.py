@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_text, write_tiny_checkpoint
+from conftest import REPO, assert_one_line_error, tiny_text, write_tiny_checkpoint
 
 NO_NET_PIP = {"PIP_INDEX_URL": "http://127.0.0.1:9/", "PIP_FIND_LINKS": "",
               "PIP_EXTRA_INDEX_URL": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "1",
@@ -33,17 +33,6 @@ def run_cli(args, refq_home, timeout=120):
                **NO_NET_PIP)          # never download anything, whatever a case does
     return subprocess.run([sys.executable, "-m", "refq.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(returncode, stdout, stderr, *must_name):
-    lines = stderr.splitlines()
-    assert returncode == 2, (returncode, stderr)
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, stderr
-    for s in must_name:
-        assert s in lines[0], (s, lines[0])
-    assert stdout == "", stdout
-    return lines[0]
 
 
 # =========================================================================== case builders

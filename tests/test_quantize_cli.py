@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO, tiny_text, write_tiny_checkpoint
+from conftest import REPO, assert_one_line_error, tiny_text, write_tiny_checkpoint
 from llama_np import LINEAR_NAMES, Tokenizer, load_model, perplexity
 from refq.errors import RefqError
 
@@ -56,17 +56,6 @@ def cli(capsys, *args):
         rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def assert_one_line_error(rc, out, err, *must_name):
-    lines = err.splitlines()
-    assert rc == 2, (rc, err)
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    for s in must_name:
-        assert s in lines[0], (s, lines[0])
-    assert out == "", out
-    return lines[0]
 
 
 def assert_nothing_written(out):
