@@ -171,7 +171,7 @@ def convert_gguf(gguf_path, out_dir, progress=True):
     os.makedirs(tmp, exist_ok=False)
     try:
         save_file(tensors, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt", "source": os.path.basename(gguf_path)})
+                  metadata={"format": "pt"})  # one key: safetensors writes keys in hash order
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         tok.save(os.path.join(tmp, "tokenizer.json"))
