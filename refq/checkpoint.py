@@ -118,7 +118,7 @@ def read_quantization_config(folder):
     return cfg, qc
 
 
-def load_quantized_linear(ckpt, name, meta, shape=None):
+def load_quantized_linear(ckpt, name, meta):
     """The QuantizedWeight stored under `name` in a packed checkpoint."""
     from refq.api import load_quantized
     prefix = name + "."
@@ -132,9 +132,6 @@ def load_quantized_linear(ckpt, name, meta, shape=None):
         raise RefqError(f"{ckpt.folder}: {name}: {e}") from None
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise RefqError(f"{ckpt.folder}: {name}: corrupt stored tensors ({type(e).__name__}: {e})") from None
-    if shape is not None and tuple(q.shape) != tuple(shape):
-        raise RefqError(f"{ckpt.folder}: {name}: stored shape {tuple(q.shape)}, "
-                        f"the config needs {tuple(shape)}")
     return q
 
 

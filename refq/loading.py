@@ -15,8 +15,9 @@ def is_packed(path):
             d = json.load(f)
     except (OSError, ValueError):
         return False
+    from refq.checkpoint import QUANT_METHOD
     q = d.get("quantization_config") if isinstance(d, dict) else None
-    return isinstance(q, dict) and q.get("quant_method") == "refq"
+    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
 def load_for_inference(path=None):

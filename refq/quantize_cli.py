@@ -83,7 +83,8 @@ def add_commands(sub):
 def _given_options(args):
     opts = {}
     for k, v in vars(args).items():
-        if k.startswith("opt_") and v is not None or (k == "opt_group_size"):
+        # group_size may be given as None ('none' = per-channel); other unset flags are None
+        if k.startswith("opt_") and (v is not None or k == "opt_group_size"):
             opts[k[4:]] = v
     return opts
 
