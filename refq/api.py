@@ -91,6 +91,35 @@ def _check_matrix(A, what, prefix, shape=None):
     return A.astype(np.float64)
 
 
+def option_error(method, key, value):
+    """Error text for one option value of `method` (None if valid)."""
+    spec = METHODS[method]
+    check = spec.checks.get(key) or OPTION_CHECKS.get(key)
+    return check(value) if check else None
+
+
+def validate_options(method, options, prefix=""):
+    """Defaults filled in, every option checked and cast -> dict (RefqError if invalid)."""
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        raise RefqError(f"{prefix}unknown option {unknown[0]!r} for method {method!r} "
+                        f"(known: {', '.join(sorted(spec.defaults))})")
+    opts = dict(spec.defaults)
+    opts.update(options)
+    for key, value in opts.items():
+        msg = option_error(method, key, value)
+        if msg:
+            raise RefqError(f"{prefix}option {key} {msg}")
+        cast = spec.casts.get(key) or _CASTS.get(key)
+        if cast:
+            opts[key] = cast(value)
+    msg = spec.validate(opts) if spec.validate else None
+    if msg:
+        raise RefqError(f"{prefix}options: {msg}")
+    return opts
+
+
 def quantize_weight(W, H, method, **options):
     """Quantize one linear weight.
 
@@ -104,20 +133,7 @@ def quantize_weight(W, H, method, **options):
     if method not in METHODS:
         raise RefqError(f"{prefix}unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
     spec = METHODS[method]
-    unknown = sorted(set(options) - set(spec.defaults))
-    if unknown:
-        raise RefqError(f"{prefix}unknown option {unknown[0]!r} for method {method!r} "
-                        f"(known: {', '.join(sorted(spec.defaults))})")
-    opts = dict(spec.defaults)
-    opts.update(options)
-    for key, value in opts.items():
-        check = OPTION_CHECKS.get(key)
-        msg = check(value) if check else None
-        if msg:
-            raise RefqError(f"{prefix}option {key} {msg}")
-        if key in _CASTS:
-            opts[key] = _CASTS[key](value)
-
+    opts = validate_options(method, options, prefix)
     W64 = _check_matrix(W, "W", prefix)
     if W64.size == 0:
         raise RefqError(f"{prefix}W is empty, shape {W64.shape}")

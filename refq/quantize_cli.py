@@ -31,6 +31,18 @@ def _optional_int(s):
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {s!r}") from None
 
 
+def _number(s):
+    """An int if it reads as one, else a float (options shared by int and float methods)."""
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
 def _method_options():
     """{option: (default, [methods])} over all registered methods."""
     from refq.methods import METHODS
@@ -50,13 +62,20 @@ def add_commands(sub):
     g = s.add_argument_group("method options (each only for the methods named)")
     for k, (default, methods) in sorted(_method_options().items()):
         flag = "--" + k.replace("_", "-")
-        helptext = f"{', '.join(methods)} (default {default})"
+        defaults = {m: METHODS[m].defaults[k] for m in methods}
+        if len({repr(v) for v in defaults.values()}) == 1:
+            helptext = f"{', '.join(methods)} (default {default})"
+        else:
+            helptext = "; ".join(f"{m} (default {v})" for m, v in defaults.items())
         if isinstance(default, bool):
             g.add_argument(flag, dest="opt_" + k, action=argparse.BooleanOptionalAction,
                            default=None, help=helptext)
         elif default is None or k == "group_size":
             g.add_argument(flag, dest="opt_" + k, type=_optional_int, default=argparse.SUPPRESS,
                            metavar=k.upper(), help=helptext + "; 'none' = per output row")
+        elif isinstance(default, (int, float)):
+            g.add_argument(flag, dest="opt_" + k, type=_number, default=None,
+                           metavar=k.upper(), help=helptext)
         else:
             g.add_argument(flag, dest="opt_" + k, type=type(default), default=None,
                            metavar=k.upper(), help=helptext)
@@ -91,7 +110,7 @@ def _given_options(args):
 
 def _check_options(method, opts):
     """Each given option: known to the method and valid, else an error naming its flag."""
-    from refq.api import OPTION_CHECKS
+    from refq.api import option_error, validate_options
     from refq.methods import METHODS
     known = METHODS[method].defaults
     for k, v in opts.items():
@@ -99,10 +118,10 @@ def _check_options(method, opts):
         if k not in known:
             raise RefqError(f"{flag}: not an option of method {method} (its options: "
                             f"{', '.join('--' + o.replace('_', '-') for o in sorted(known))})")
-        check = OPTION_CHECKS.get(k)
-        msg = check(v) if check else None
+        msg = option_error(method, k, v)
         if msg:
             raise RefqError(f"{flag} {v}: {msg}")
+    validate_options(method, opts, prefix=f"--method {method}: ")
 
 
 def _check_finite(model, folder):
@@ -152,10 +171,8 @@ def cmd_quantize(args):
     if "seed" in METHODS[args.method].defaults:
         opts.setdefault("seed", args.seed)
     check_out_dir(args.out, args.force)
-    # Validate every option now (on a tiny problem) rather than after calibration,
-    # naming the flag at fault.
+    # Validate every option now rather than after calibration, naming the flag at fault.
     _check_options(args.method, opts)
-    quantize_weight(np.zeros((2, 8), np.float32), np.eye(8), args.method, **opts)
 
     folder = resolve_model(args.model)
     if is_packed(folder):

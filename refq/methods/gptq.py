@@ -62,6 +62,12 @@ DEFAULTS = dict(RTN_DEFAULTS, act_order=False, static_groups=False, percdamp=0.0
 MAX_RETRIES = 4  # percdamp, x10, x100, x1000, x10000
 
 
+def validate(opts):
+    """Checks across options (refq.api.validate_options calls it)."""
+    if opts["static_groups"] and opts["group_size"] is None:
+        return "static_groups needs group_size"
+
+
 class DampingWarning(UserWarning):
     """The Hessian needed more damping than asked for to be factorised."""
 
@@ -155,8 +161,6 @@ def quantize_gptq(W, H, opts, name=""):
 
     bits, g_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     act_order, static, bs = opts["act_order"], opts["static_groups"], opts["blocksize"]
-    if static and g_size is None:
-        raise RefqError(f"{name or 'gptq'}: option static_groups needs group_size")
     tick = time.perf_counter()
     maxq = 2 ** bits - 1
     out, n = W.shape
