@@ -15,10 +15,12 @@ from refq.checkpoint import load_packed, save_packed
 FORMAT_MD = os.path.join(os.path.dirname(os.path.dirname(__file__)), "FORMAT.md")
 
 
-def _reader_snippet():
+def _reader_snippet(fmt):
+    """The python block of FORMAT.md whose first line is `# format: FMT`."""
     text = open(FORMAT_MD, encoding="utf-8").read()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 1
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+              if b.startswith(f"# format: {fmt}\n")]
+    assert len(blocks) == 1, f"FORMAT.md needs exactly one python block for format {fmt}"
     return blocks[0]
 
 
@@ -46,8 +48,8 @@ def test_format_md_reader_decodes_every_layer(tiny_ckpt, tmp_path, opts):
     out = str(tmp_path / "packed")
     save_packed(out, folder, model, quantized, {"method": method, "options": opts})
     _, _, _, qws = load_packed(out)
-    code = _reader_snippet().replace('"DIR/', f'"{out}/')
     for name in quantized:
+        code = _reader_snippet(quantized[name].FORMAT).replace('"DIR/', f'"{out}/')
         env = {}
         exec(code.replace('"model.layers.0.self_attn.q_proj"', repr(name)), env)
         np.testing.assert_array_equal(env["W"], qws[name].dequantize())
