@@ -49,6 +49,8 @@ def _method_options():
     opts = {}
     for m, spec in METHODS.items():
         for k, v in spec.defaults.items():
+            if k in spec.api_only or k == "seed":   # --seed is a general flag, passed on
+                continue
             opts.setdefault(k, (v, []))[1].append(m)
     return opts
 

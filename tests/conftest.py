@@ -204,6 +204,42 @@ def smollm2_path():
     return ensure_default_model(progress=False)
 
 
+@pytest.fixture(scope="session")
+def real_layers(smollm2_path):
+    """(model, {layer: {linear group: H}}) for decoder layers 0 and 10 of SmolLM2.
+
+    H = mean x xᵀ from 8 windows of 128 tokens of data/calib.txt (seed 0),
+    layers 0..9 run dense.  `real_weight(real_layers, layer, name)` -> (W, H).
+    Shared by every method's real-layer tests (captured once per session).
+    """
+    from llama_np import LINEAR_GROUPS, Tokenizer, load_model
+    from refq.calibrate import calibration_windows, capture_hessians
+    model, tok = load_model(smollm2_path), Tokenizer(smollm2_path)
+    with open(os.path.join(REPO, "data", "calib.txt"), encoding="utf-8") as f:
+        ids = tok.encode(f.read(60_000))
+    windows = calibration_windows(ids, nsamples=8, seqlen=128, seed=0)
+    pos = np.arange(128)
+    hs = [model.embed(w) for w in windows]
+    Hs = {}
+    for i in range(11):
+        if i in REAL_LAYERS:
+            Hs[i] = capture_hessians(model.layers[i], hs, pos, list(LINEAR_GROUPS))
+        if i < max(REAL_LAYERS):
+            hs = [model.layers[i].forward(h, pos) for h in hs]
+    return model, Hs
+
+
+REAL_LAYERS = (0, 10)
+
+
+def real_weight(real_layers, layer, name):
+    """-> (W (out, in) float32, H (in, in) float64) of linear `name` (e.g. "mlp.up_proj")."""
+    from llama_np import LINEAR_GROUPS
+    model, Hs = real_layers
+    group = next(g for g in LINEAR_GROUPS if name in g)
+    return model.layers[layer].linears[name].dequantize(), Hs[layer][group]
+
+
 # --------------------------------------------------------------------------- CLI errors
 def assert_one_line_error(rc, out, err, *must_name):
     lines = err.splitlines()

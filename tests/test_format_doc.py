@@ -29,6 +29,8 @@ def _reader_snippet(fmt):
     dict(method="gptq", bits=4, group_size=None, sym=True),        # no qzeros
     dict(method="rtn", bits=2, group_size=12),                     # ragged last group (32 = 12+12+8)
     dict(method="rtn", bits=5, group_size=16),
+    dict(method="claq", bits=2.5, outlier_reservation=True, or_ratio_low=0.05),   # codebook + CSR
+    dict(method="claq", bits=3, ap=False),
 ])
 def test_format_md_reader_decodes_every_layer(tiny_ckpt, tmp_path, opts):
     import refq

@@ -25,42 +25,18 @@ import numpy as np
 import pytest
 
 import refq
-from conftest import REPO
-from llama_np import LINEAR_GROUPS, Tokenizer, load_model
-from refq.calibrate import calibration_windows, capture_hessians
+from conftest import REPO, real_weight
 
-CALIB = os.path.join(REPO, "data", "calib.txt")
 LAYERS = (0, 10)
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 CONFIGS = [dict(bits=4, group_size=None), dict(bits=3, group_size=128),
            dict(bits=2, group_size=64)]
-GROUP_OF = {n: g for g in LINEAR_GROUPS for n in g}
-
-
-@pytest.fixture(scope="module")
-def captured(smollm2_path):
-    """{layer: {group: H}} and the model."""
-    model, tok = load_model(smollm2_path), Tokenizer(smollm2_path)
-    with open(CALIB, encoding="utf-8") as f:
-        ids = tok.encode(f.read(60_000))
-    windows = calibration_windows(ids, nsamples=8, seqlen=128, seed=0)
-    pos = np.arange(128)
-    hs = [model.embed(w) for w in windows]
-    Hs = {}
-    for i in range(max(LAYERS) + 1):
-        if i in LAYERS:
-            Hs[i] = capture_hessians(model.layers[i], hs, pos, list(LINEAR_GROUPS))
-        if i < max(LAYERS):
-            hs = [model.layers[i].forward(h, pos) for h in hs]
-    return model, Hs
 
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("name", LINEARS)
-def test_gptq_beats_rtn_on_real_hessians(captured, layer, name):
-    model, Hs = captured
-    W = model.layers[layer].linears[name].dequantize()                # (out, in)
-    H = Hs[layer][GROUP_OF[name]]
+def test_gptq_beats_rtn_on_real_hessians(real_layers, layer, name):
+    W, H = real_weight(real_layers, layer, name)                     # (out, in), (in, in)
     lines = []
     for cfg in CONFIGS:
         runs = {"rtn": ("rtn", cfg), "gptq": ("gptq", cfg),

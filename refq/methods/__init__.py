@@ -15,7 +15,7 @@ calibration.  Shape-dependent errors are raised by the method itself.
 from dataclasses import dataclass, field
 from typing import Callable
 
-from refq.methods import gptq, rtn
+from refq.methods import claq, gptq, rtn
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,14 @@ class Method:
     casts: dict = field(default_factory=dict)
     # validate(opts) -> error text or None: checks that involve several options
     validate: Callable = None
+    # options of the Python API only (no command-line flag), e.g. per-column lists
+    api_only: frozenset = frozenset()
 
 
 METHODS = {
     "rtn": Method(rtn.quantize_rtn, rtn.DEFAULTS, needs_hessian=False),
     "gptq": Method(gptq.quantize_gptq, gptq.DEFAULTS, needs_hessian=True,
                    validate=gptq.validate),
+    "claq": Method(claq.quantize_claq, claq.DEFAULTS, needs_hessian=True, checks=claq.CHECKS,
+                   casts=claq.CASTS, validate=claq.validate, api_only=claq.API_ONLY),
 }
