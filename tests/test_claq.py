@@ -248,3 +248,13 @@ def test_cli_quantize_eval_info(tiny_ckpt, tmp_path, capsys):
     _, _, qc, qws = load_packed(out)
     assert {q.FORMAT for q in qws.values()} == {"codebook"}
     assert all(abs(q.info["mean_column_bits"] - 2.5) <= 1 / q.shape[1] for q in qws.values())
+
+
+def test_round_fp16_equals_numpy_half():
+    from refq.methods.claq import round_fp16
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.normal(size=2000) * 10.0 ** rng.integers(-9, 4, size=2000),
+                        np.float16(rng.normal(size=200)).astype(np.float64) * (1 + 2.0 ** -11),  # ties
+                        [0.0, -0.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 65504.0, 2.0 ** -14]])
+    got = np.array([round_fp16(v) for v in x])
+    np.testing.assert_array_equal(got, x.astype(np.float16).astype(np.float64))

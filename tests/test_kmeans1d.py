@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refq.errors import RefqError
-from refq.methods.kmeans1d import kmeans1d, kmeans_cost, nearest_centroid
+from refq.methods.kmeans1d import kmeans1d, kmeans1d_centroids, kmeans_cost, nearest_centroid
 
 
 def brute_force(x, k, w=None):
@@ -131,3 +131,13 @@ def test_large_offset_is_accurate():
 def test_bad_input(args, match):
     with pytest.raises(RefqError, match=match):
         kmeans1d(*args)
+
+
+@pytest.mark.parametrize("x, k", [
+    (np.random.default_rng(7).normal(size=300), 8),
+    (np.round(np.random.default_rng(8).normal(size=200), 1), 16),   # ties
+    (np.array([2.0, 2.0, -1.0]), 4),                                # fewer distinct than k
+    (np.full(5, 0.0), 4),                                           # constant (zero) column
+])
+def test_numba_centroids_equal_the_api(x, k):
+    np.testing.assert_array_equal(kmeans1d_centroids(x, k), kmeans1d(x, k)[0])

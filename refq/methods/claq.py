@@ -48,13 +48,15 @@ Differences from the official code (on purpose):
   chosen, so the GPTQ error feedback sees the values the model will use.
 """
 
+import math
 import time
 
 import numpy as np
+from numba import njit
 
 from refq.errors import RefqError
 from refq.methods.gptq import inverse_cholesky
-from refq.methods.kmeans1d import kmeans1d, nearest_centroid
+from refq.methods.kmeans1d import kmeans1d_centroids
 
 DEFAULTS = {
     "bits": 3,                     # bits per column: an integer 2..8, or an average in (2, 4) with AP
@@ -167,32 +169,87 @@ def reservation_counts(scores, n_rows, r_high, r_low, top_frac):
 
 
 # ---------------------------------------------------------------------------
-# one column: k-means codebook (+ reserved outliers)
+# numba kernels: fp16 rounding, one column, one block of columns
 # ---------------------------------------------------------------------------
-def quantize_column(w, b, n_res, or_fit):
-    """w (out,) float64 current column -> (codes (out,), centroids (2^b,) fp16-exact float64,
-    q (out,) the values used (codebook + reserved corrections), S (out,) float64 the
-    additive fp16 corrections (0 outside the reserved entries))."""
-    out = w.size
-    S = np.zeros(out)
-    reserved = None
+@njit(cache=True)
+def round_fp16(x):
+    """x rounded to the nearest IEEE half-precision value (ties to even), as float64;
+    equals float(np.float16(x)) for |x| <= 65504 (numba has no float16 arithmetic)."""
+    if x == 0.0 or not np.isfinite(x):
+        return x
+    m, e = math.frexp(x)                      # x = m 2^e, 0.5 <= |m| < 1
+    if e < -13:                               # subnormal half: fixed quantum 2^-24
+        e = -13
+    quantum = math.ldexp(1.0, e - 11)         # 11 significant bits
+    return np.rint(x / quantum) * quantum
+
+
+@njit(cache=True)
+def quantize_column(w, b, n_res, fit_after, cents, codes, S):
+    """One column (paper eq. 3 + outlier reservation).
+
+    w      (out,) float64  the current (error-updated) column
+    b      bits: 2^b centroids;  n_res: values reserved at EACH tail (0 = no OR)
+    out:   cents (>= 2^b,) the fp16-rounded ascending centroids in cents[:2^b];
+           codes (out,) the nearest centroid of every value;
+           S (out,) the additive fp16 corrections (0 outside the reserved entries)
+    -> q (out,) float64: the values the layer will use (centroid + correction)
+    """
+    out = w.shape[0]
+    k = 1 << b
+    reserved = np.zeros(out, dtype=np.bool_)
     if n_res > 0:
-        order = np.argsort(w, kind="stable")
-        reserved = np.concatenate([order[:n_res], order[out - n_res:]])   # both tails
+        order = np.argsort(w, kind="mergesort")          # stable: ties by row index
+        for t in range(n_res):
+            reserved[order[t]] = True                    # smallest values
+            reserved[order[out - 1 - t]] = True          # largest values
     fit = w
-    if reserved is not None and or_fit == "after":
-        keep = np.ones(out, dtype=bool)
-        keep[reserved] = False
-        if keep.any():
-            fit = w[keep]
-    cents, _ = kmeans1d(fit, 2 ** b)                               # exact 1-D k-means (eq. 3)
-    cents = np.sort(cents.astype(np.float16).astype(np.float64))   # the stored fp16 values
-    codes = nearest_centroid(w, cents)
-    q = cents[codes]
-    if reserved is not None:
-        S[reserved] = (w[reserved] - q[reserved]).astype(np.float16)   # exact fp16 correction
-        q = q + S
-    return codes, cents, q, S
+    if n_res > 0 and fit_after and 2 * n_res < out:
+        fit = w[~reserved]                               # centroids of the kept values only
+    c = kmeans1d_centroids(fit, k)                       # exact 1-D k-means (eq. 3)
+    for m in range(k):
+        c[m] = round_fp16(c[m])                          # what is stored
+    c.sort()
+    cents[:k] = c
+    q = np.empty(out)
+    for r in range(out):                                 # nearest centroid (ties: lower)
+        lo, hi = 0, k - 1                                # binary search on the midpoints
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if w[r] <= 0.5 * (c[mid] + c[mid + 1]):
+                hi = mid
+            else:
+                lo = mid + 1
+        codes[r] = lo
+        q[r] = c[lo]
+        S[r] = 0.0
+        if reserved[r]:
+            S[r] = round_fp16(w[r] - c[lo])              # kept "in fp16": exact correction
+            q[r] += S[r]
+    return q
+
+
+@njit(cache=True)
+def _quantize_block(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_after, b0, b1):
+    """GPTQ's inner loop over processing-order columns b0..b1-1 (paper Algorithm 1).
+
+    Wt (n, out) columns of W as rows, updated in place; U (n, n) upper Cholesky factor of
+    H^-1; Err (B, out) out: scaled errors of the block; cents_t (n, 256), codes_t (n, out),
+    S_t (n, out) out: codebook, codes and corrections of each column; bits_p, nres_p (n,)
+    bits and reserved count per tail of each processing-order column.
+    """
+    out = Wt.shape[1]
+    for j in range(b0, b1):
+        q = quantize_column(Wt[j], bits_p[j], nres_p[j], fit_after, cents_t[j], codes_t[j], S_t[j])
+        d = U[j, j]
+        e = j - b0
+        for r in range(out):
+            Err[e, r] = (Wt[j, r] - q[r]) / d            # err_j = (w_j - q_j) / U_jj  (eq. 5)
+        for k in range(j + 1, b1):                       # W[:, k] -= err_j U_jk, k in block
+            u = U[j, k]
+            if u != 0.0:
+                for r in range(out):
+                    Wt[k, r] -= Err[e, r] * u
 
 
 # ---------------------------------------------------------------------------
@@ -237,23 +294,23 @@ def quantize_claq(W, H, opts, name=""):
     U, p_used, retries = inverse_cholesky(H, opts["percdamp"], name)
 
     Wt = np.ascontiguousarray(W[:, perm].T)          # (in, out) processing-order column j = row j
-    codes = np.zeros((out, n), dtype=np.int64)       # original column order
-    cents = [None] * n                               # original column order
-    S = np.zeros((out, n))                           # (out, in) reserved corrections
+    bits_p = col_bits[perm].astype(np.int64)         # (in,) per processing-order column
+    nres_p = n_res[perm].astype(np.int64)
+    cents_t = np.zeros((n, 256))                     # (in, 256) codebooks, first 2^b used
+    codes_t = np.zeros((n, out), dtype=np.uint8)     # (in, out)
+    S_t = np.zeros((n, out))                         # (in, out) reserved corrections
     bs = opts["blocksize"]
     Err = np.zeros((min(bs, n), out))                # (B, out)
     for b0 in range(0, n, bs):                       # lazy batch updates (GPTQ eq. 4)
         b1 = min(b0 + bs, n)
-        for j in range(b0, b1):
-            c = perm[j]                              # the original column
-            cj, cent, q, s = quantize_column(Wt[j], int(col_bits[c]), int(n_res[c]), opts["or_fit"])
-            codes[:, c], cents[c], S[:, c] = cj, cent, s
-            err = (Wt[j] - q) / U[j, j]              # err_j = (w_j - q_j) / U_jj
-            Err[j - b0] = err
-            if j + 1 < b1:                           # W[:, k] -= err_j U_jk inside the block
-                Wt[j + 1:b1] -= np.outer(U[j, j + 1:b1], err)
+        _quantize_block(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p,
+                        opts["or_fit"] == "after", b0, b1)
         if b1 < n:
             Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+    inv = np.argsort(perm)                           # back to the original column order
+    codes = codes_t[inv].T                           # (out, in)
+    S = S_t[inv].T                                   # (out, in)
+    cents = [cents_t[inv[c], :2 ** int(col_bits[c])] for c in range(n)]
 
     info = {"name": name, "percdamp_used": float(p_used), "damping_retries": int(retries),
             "dead_inputs": int(dead.sum()),

@@ -25,10 +25,12 @@ The DP over "the first j values in m+1 clusters":
     D[0][j] = cost(0, j)
     D[m][j] = min_{m <= i < j}  D[m-1][i] + cost(i, j)                     (2)
 
-cost satisfies the quadrangle inequality, so the leftmost optimal split
-opt(j) is non-decreasing in j: each row m of (2) is solved by divide and
-conquer (solve the middle j, then the left half searches i <= opt(mid) and
-the right half i >= opt(mid)), O(n log n) per row, O(k n log n) in all.
+cost satisfies the quadrangle inequality, so the optimal split opt_m(j) is
+non-decreasing in j: each row m of (2) is solved by divide and conquer
+(solve the middle j, then the left half searches i <= opt(mid) and the right
+half i >= opt(mid)), O(n log n) per row, O(k n log n) in all.  It is also
+non-decreasing in m (one more cluster never starts the last one earlier:
+Wang & Song), so opt_{m-1}(j) bounds the search from below as well.
 
 Determinism: ties in (2) keep the smallest i, so the result depends only on
 the values (and weights), never on their order or on thread counts.
@@ -60,7 +62,7 @@ def _seg_cost(P0, P1, P2, i, j):
 
 
 @njit(cache=True)
-def _fill_row(Dprev, Dcur, Tcur, P0, P1, P2, m, jlo, jhi, ilo, ihi):
+def _fill_row(Dprev, Tprev, Dcur, Tcur, P0, P1, P2, m, jlo, jhi, ilo, ihi):
     """Dcur[j] = min_{i in [max(ilo, m), min(ihi, j-1)]} Dprev[i] + cost(i, j) for j in [jlo, jhi],
     by divide and conquer over j (opt(j) is monotone).  Iterative, with an explicit stack."""
     stack = np.empty((64, 4), dtype=np.int64)
@@ -73,7 +75,7 @@ def _fill_row(Dprev, Dcur, Tcur, P0, P1, P2, m, jlo, jhi, ilo, ihi):
         if a > b:
             continue
         j = (a + b) // 2
-        i0 = lo if lo > m else m
+        i0 = max(lo, m, Tprev[j])                          # opt is monotone in j and in m
         i1 = hi if hi < j - 1 else j - 1
         best = np.inf
         arg = i0
@@ -114,7 +116,7 @@ def kmeans_dp_sorted(xu, wu, k):
     for m in range(1, k):
         for j in range(m + 1):
             D[m, j] = np.inf
-        _fill_row(D[m - 1], D[m], T[m], P0, P1, P2, m, m + 1, d, m, d - 1)
+        _fill_row(D[m - 1], T[m - 1], D[m], T[m], P0, P1, P2, m, m + 1, d, m, d - 1)
     starts = np.empty(k + 1, dtype=np.int64)             # backtrack the split points
     starts[k] = d
     j = d
@@ -134,6 +136,33 @@ def kmeans_dp_sorted(xu, wu, k):
                 acc += xu[t]
             cents[m] = acc / (j - i)
     return cents, starts
+
+
+@njit(cache=True)
+def kmeans1d_centroids(x, k):
+    """All-numba path for unweighted values (CLAQ's columns): x (n,) float64 -> (k,)
+    ascending optimal centroids (distinct values < k: padded with the largest), the same
+    numbers as kmeans1d(x, k)[0].  Sorting and merging of equal values happen here too,
+    so a call costs the DP alone, without Python overhead."""
+    xs = np.sort(x)
+    n = xs.shape[0]
+    xu = np.empty(n)
+    wu = np.empty(n)
+    d = 0
+    for t in range(n):                                   # merge equal values, count them
+        if d > 0 and xs[t] == xu[d - 1]:
+            wu[d - 1] += 1.0
+        else:
+            xu[d] = xs[t]
+            wu[d] = 1.0
+            d += 1
+    cents = np.empty(k)
+    if d <= k:
+        for m in range(k):
+            cents[m] = xu[m] if m < d else xu[d - 1]
+        return cents
+    c, _ = kmeans_dp_sorted(xu[:d], wu[:d], k)
+    return c
 
 
 # ---------------------------------------------------------------------------
