@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Reference implementation of low-bit weight quantization for LLaMA-family models (numpy + numba)",
     packages=find_packages(include=["refq", "refq.*", "llama_np", "llama_np.*"]),
-    package_data={"refq": ["kernels/cuda/*.cu"]},
+    package_data={"refq": ["kernels/cuda/*.cu", "kernels/cuda/*.cuh"]},
     python_requires=">=3.9",
     install_requires=[
         "numpy>=1.24",

@@ -152,10 +152,19 @@ def load_packed(folder):
     return cfg, ckpt, qc, qws
 
 
-def load_packed_model(folder):
-    """A Llama whose quantized linears are QuantizedWeight objects (.matmul)."""
+def load_packed_model(folder, kernel="cpu"):
+    """A Llama whose quantized linears are QuantizedWeight objects (.matmul).
+
+    kernel: "cpu" | "gpu" | "dequant", the refq.kernels backend their matmul
+    uses. The packed tensors stay memory-mapped; only "dequant" keeps a dense
+    float32 copy of each weight.
+    """
     from llama_np import Linear, Llama
+    from refq.kernels import check_kernel
+    check_kernel(kernel)
     cfg, ckpt, qc, qws = load_packed(folder)
+    for q in qws.values():
+        q.kernel = kernel
 
     def get_linear(name, shape):
         if name in qws:

@@ -5,6 +5,7 @@
     refq generate  [--model PATH]   continue a prompt
     refq quantize  --method NAME    quantize a model into a packed checkpoint
     refq info      PATH             what a packed checkpoint holds
+    refq bench kernels              time the matmul kernels (refq/kernels/bench.py)
 
 Human-readable output and progress bars go to stderr; with --json one JSON
 object alone goes to stdout. Exit codes: 0 ok, 1 failure, 2 bad usage or input.
@@ -63,7 +64,7 @@ def cmd_eval(args):
         raise RefqError(f"--ctx {args.ctx}: must be at least 2")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise RefqError(f"--max-tokens {args.max_tokens}: must be at least 2")
-    model, tok, path = load_for_inference(args.model)
+    model, tok, path = load_for_inference(args.model, kernel=args.kernel)
     ids = tok.encode(read_text(args.text))
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]
@@ -92,7 +93,7 @@ def cmd_generate(args):
         raise RefqError(f"--temperature {args.temperature}: must be >= 0")
     if not 0 < args.top_p <= 1:
         raise RefqError(f"--top-p {args.top_p}: must be in (0, 1]")
-    model, tok, _ = load_for_inference(args.model)
+    model, tok, _ = load_for_inference(args.model, kernel=args.kernel)
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise RefqError("--prompt: encodes to no tokens")
@@ -133,6 +134,9 @@ def build_parser():
     s.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     s.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     s.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "seconds"} on stdout')
+    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+                   help="how a packed checkpoint multiplies: numba kernels on the packed "
+                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="continue a prompt")
@@ -142,10 +146,19 @@ def build_parser():
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+                   help="how a packed checkpoint multiplies: numba kernels on the packed "
+                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
     s.set_defaults(func=cmd_generate)
 
     from refq import quantize_cli
     quantize_cli.add_commands(sub)
+
+    from refq.kernels import bench
+    bench.add_commands(sub)
+
+    from refq import golden       # refq golden write|verify (GOLDEN.md)
+    golden.add_commands(sub)
     return p
 
 

@@ -20,14 +20,20 @@ def is_packed(path):
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
-def load_for_inference(path=None):
-    """(model, tokenizer, folder) for --model PATH (default: the fetched SmolLM2)."""
+def load_for_inference(path=None, kernel="cpu"):
+    """(model, tokenizer, folder) for --model PATH (default: the fetched SmolLM2).
+
+    kernel: how a packed checkpoint's quantized linears multiply ("cpu",
+    "gpu" or "dequant", see refq.kernels); a dense HF folder ignores it.
+    """
     from llama_np import Tokenizer, load_model
     from refq.fetch import resolve_model
+    from refq.kernels import check_kernel
+    check_kernel(kernel)
     folder = resolve_model(path)
     if is_packed(folder):
         from refq.checkpoint import load_packed_model
-        model = load_packed_model(folder)
+        model = load_packed_model(folder, kernel=kernel)
     else:
         model = load_model(folder)
     return model, Tokenizer(folder), folder

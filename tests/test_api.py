@@ -85,8 +85,14 @@ def test_dequantize_and_matmul(method, kw):
     x = np.random.default_rng(5).standard_normal((3, 4, 20)).astype(np.float32)
     y = qw.matmul(x)
     assert y.shape == (3, 4, 10) and y.dtype == np.float32
-    np.testing.assert_array_equal(y, x @ deq.T)
-    np.testing.assert_array_equal(qw.matmul(x[0, 0]), x[0, 0] @ deq.T)
+    # the numba kernels (issue #8) sum in their own order: equal within float error
+    # (relative Frobenius error <= 1e-5); the "dequant" kernel is the dense reference
+    ref = x @ deq.T
+    assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
+    y1 = qw.matmul(x[0, 0])
+    assert np.linalg.norm(y1 - ref[0, 0]) <= 1e-5 * np.linalg.norm(ref[0, 0])
+    np.testing.assert_array_equal(qw.matmul(x, kernel="dequant"),
+                                  (x.reshape(12, 20) @ deq.T).reshape(3, 4, 10))
 
 
 def test_layer_loss():

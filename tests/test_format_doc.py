@@ -31,6 +31,19 @@ def _reader_snippet(fmt):
     dict(method="rtn", bits=5, group_size=16),
     dict(method="claq", bits=2.5, outlier_reservation=True, or_ratio_low=0.05),   # codebook + CSR
     dict(method="claq", bits=3, ap=False),
+    dict(method="quantease", bits=3, group_size=8, outlier_frac=0.02, iters=3),   # uniform_sparse + perm
+    dict(method="quantease", bits=2, act_order=False, outlier_frac=0.05, iters=2),
+    dict(method="spqr", bits=3, group_size=8, qq_group_size=16),                 # ragged qq blocks (40 rows)
+    dict(method="spqr", bits=4, group_size=4, qq_bits=None, sym=True, act_order=False),
+    dict(method="squeezellm", bits=3, outlier_iqr=1.5, sensitive_frac=0.01),
+    dict(method="squeezellm", bits=2),                                           # no outliers
+    dict(method="slim", rank_ratio=0.2),                                         # 2:4 + SLiM-Quant + fp16 L, R
+    dict(method="slim", pruner="sparsegpt", adapter_bits=4, adapter_group_size=8),  # 4-bit adapters
+    dict(method="slim-quant", bits=3),                                           # dense, one scale
+    dict(method="wanda", sparsity=0.5),                                          # unstructured fp16
+    dict(method="sparsegpt", bits=4),                                            # 2:4 codes, row grid + qzeros
+    dict(method="magnitude", sparsity=0.3, bits=3, sym=True),                    # unstructured codes stream
+    dict(method="aqlm", num_codebooks=2, nbits_per_codebook=4, in_group_size=8, max_iters=2),  # additive
 ])
 def test_format_md_reader_decodes_every_layer(tiny_ckpt, tmp_path, opts):
     import refq

@@ -77,17 +77,18 @@ class QuantizedWeight:
             parts[comp] = parts.get(comp, 0) + 8 * int(t.nbytes)
         return {comp: nbits / n for comp, nbits in parts.items()}
 
-    def matmul(self, x):
-        """x (..., in) float32 -> x @ dequantize().T, (..., out) float32.
+    # Which kernel matmul uses: "cpu" (numba, refq.kernels.cpu), "gpu" (CuPy)
+    # or "dequant" (dense reference). load_packed_model(..., kernel=) sets it.
+    kernel = "cpu"
 
-        Reference path: dequantize once (cached), then a dense matmul.
+    def matmul(self, x, kernel=None):
+        """x (..., in) float -> x @ dequantize().T, (..., out) float32.
+
+        Computed by refq.kernels (straight from the packed tensors for
+        formats with a kernel; see refq/kernels/__init__.py).
         """
-        x = np.asarray(x, dtype=np.float32)
-        if x.shape[-1] != self.shape[1]:
-            raise RefqError(f"matmul: x has {x.shape[-1]} features, weight expects {self.shape[1]}")
-        if self._dense is None:
-            self._dense = self.dequantize()
-        return x @ self._dense.T
+        from refq.kernels import matmul
+        return matmul(self, x, kernel or self.kernel)
 
     def __repr__(self):
         return (f"{type(self).__name__}(method={self.method!r}, shape={self.shape}, "

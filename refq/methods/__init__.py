@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from refq.methods import claq, gptq, rtn
+from refq.methods import quantease, spqr, squeezellm
+from refq.methods import slim, sparsity
+from refq.methods import aqlm
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,25 @@ METHODS = {
     "rtn": Method(rtn.quantize_rtn, rtn.DEFAULTS, needs_hessian=False),
     "gptq": Method(gptq.quantize_gptq, gptq.DEFAULTS, needs_hessian=True,
                    validate=gptq.validate),
+    "slim-quant": Method(slim.quantize_slim_quant, slim.SLIM_QUANT_DEFAULTS, needs_hessian=False,
+                         checks=slim.SLIM_QUANT_CHECKS),
+    "slim": Method(slim.quantize_slim, slim.SLIM_DEFAULTS, needs_hessian=True,
+                   checks=slim.SLIM_CHECKS, casts=slim.SLIM_CASTS, validate=slim.validate_slim),
+    "wanda": Method(sparsity.prune_wanda, sparsity.DEFAULTS, needs_hessian=True,
+                    checks=sparsity.CHECKS, casts=sparsity.CASTS),
+    "sparsegpt": Method(sparsity.prune_sparsegpt, sparsity.SPARSEGPT_DEFAULTS, needs_hessian=True,
+                        checks=sparsity.CHECKS, casts=sparsity.CASTS,
+                        validate=sparsity.validate_sparsegpt),
+    "magnitude": Method(sparsity.prune_magnitude, sparsity.DEFAULTS, needs_hessian=False,
+                        checks=sparsity.CHECKS, casts=sparsity.CASTS),
     "claq": Method(claq.quantize_claq, claq.DEFAULTS, needs_hessian=True, checks=claq.CHECKS,
                    casts=claq.CASTS, validate=claq.validate, api_only=claq.API_ONLY),
+    "quantease": Method(quantease.quantize_quantease, quantease.DEFAULTS, needs_hessian=True,
+                        checks=quantease.CHECKS, casts=quantease.CASTS),
+    "spqr": Method(spqr.quantize_spqr, spqr.DEFAULTS, needs_hessian=True,
+                   checks=spqr.CHECKS, casts=spqr.CASTS),
+    "squeezellm": Method(squeezellm.quantize_squeezellm, squeezellm.DEFAULTS, needs_hessian=True,
+                         checks=squeezellm.CHECKS, casts=squeezellm.CASTS),
+    "aqlm": Method(aqlm.quantize_aqlm, aqlm.DEFAULTS, needs_hessian=True,
+                   checks=aqlm.CHECKS, casts=aqlm.CASTS),
 }

@@ -1,0 +1,154 @@
+"""Matmul kernels that read the packed tensors directly: y = x Ŵᵀ.
+
+    refq.kernels.matmul(q, x, kernel="cpu")   x (..., in) -> (..., out) float32
+
+`kernel` is one of
+    "cpu"      numba kernels (refq/kernels/cpu.py): unpack / look up on the fly
+               for batches below BLAS_MIN_BATCH tokens; from there on,
+               dequantize a tile of rows at a time and multiply it with BLAS
+               (never a whole dense copy of the weight);
+    "gpu"      CUDA kernels through CuPy (refq/kernels/gpu.py, cuda/*.cu);
+    "dequant"  the reference: dequantize once (kept), then x @ W_hat.T.
+
+Dispatch is a registry, format name -> function, one per backend, so adding a
+format's kernel is one decorated function:
+
+    @register("cpu", "myformat")
+    def myformat_cpu(q, x):          # x (T, in) float32 C-contiguous, T >= 1
+        return y                     # (T, out) float32
+
+    @register("dequant_rows", "myformat")     # optional: the large-batch path
+    def myformat_rows(q, r0, r1):    # -> W_hat[r0:r1] (r1 - r0, in) float32
+
+A format without a "cpu" kernel runs through "dequant" (and says so in
+`kernel_for(q, "cpu")`). Inputs are checked here, once, for every backend:
+x must be a real floating array (float16/float64 are converted, a strided
+array is copied) with `in` features and at least one token; anything else is
+a one-line RefqError.
+"""
+import numpy as np
+
+from refq.errors import RefqError
+
+KERNELS = ("cpu", "gpu", "dequant")
+
+# Batches of at least this many tokens go through dequantize-a-tile + BLAS on
+# the CPU (formats with a "dequant_rows" function). A cpu kernel may lower it
+# per weight with an attribute fn.blas_min_batch(q). Measured on 4096x4096,
+# one thread, kernel vs tile+BLAS side by side (BENCHMARKS.md, issue #8):
+# 4-bit uniform: kernel faster up to 8 tokens, slower at 16; 2-bit: faster up
+# to 4, slower at 8.
+BLAS_MIN_BATCH = 12
+# Rows per dequantized tile on the BLAS path: about 4 MB of float32 per tile.
+TILE_FLOATS = 1 << 20
+
+_REGISTRY = {"cpu": {}, "gpu": {}, "dequant_rows": {}}
+
+
+def register(backend, *formats):
+    """Decorator: fn becomes the `backend` kernel of each format name."""
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def deco(fn):
+        for f in formats:
+            _REGISTRY[backend][f] = fn
+        return fn
+    return deco
+
+
+def _load_backend(backend):
+    """Import the module that registers the kernels of `backend`."""
+    if backend in ("cpu", "dequant_rows"):
+        import refq.kernels.cpu  # noqa: F401  (registers on import)
+    elif backend == "gpu":
+        import refq.kernels.gpu  # noqa: F401
+
+
+def formats_with(backend):
+    """Sorted format names that have a `backend` kernel."""
+    _load_backend(backend)
+    return sorted(_REGISTRY[backend])
+
+
+def kernel_for(q, kernel):
+    """The backend that will really run q's products for `kernel`."""
+    if kernel == "dequant":
+        return "dequant"
+    _load_backend(kernel)
+    return kernel if q.FORMAT in _REGISTRY[kernel] else "dequant"
+
+
+def check_kernel(kernel):
+    if kernel not in KERNELS:
+        raise RefqError(f"--kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
+    if kernel == "gpu":
+        from refq.kernels.gpu import require_gpu
+        require_gpu()
+    return kernel
+
+
+def as_input(x, n_in):
+    """x (..., in) -> (x2 (T, in) float32 C-contiguous, leading shape)."""
+    if getattr(x, "__cuda_array_interface__", None) is not None:
+        raise RefqError("matmul: x is a GPU array; use kernel='gpu' or pass a numpy array")
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise RefqError(f"matmul: x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise RefqError("matmul: x must have at least one dimension (..., in)")
+    if x.shape[-1] != n_in:
+        raise RefqError(f"matmul: x has {x.shape[-1]} features, weight expects {n_in}")
+    lead = x.shape[:-1]
+    T = int(np.prod(lead, dtype=np.int64))
+    if T == 0:
+        raise RefqError(f"matmul: x has shape {x.shape}: no token (batch 0)")
+    x2 = np.ascontiguousarray(x.reshape(T, n_in), dtype=np.float32)
+    return x2, lead
+
+
+def dequant_matmul(q, x2):
+    """The reference: x @ dequantize().T with the dense weight kept on q."""
+    if q._dense is None:
+        q._dense = np.ascontiguousarray(q.dequantize(), dtype=np.float32)
+    return x2 @ q._dense.T
+
+
+def blas_matmul(q, x2, rows_fn):
+    """Large batches: W_hat in tiles of rows (rows_fn(q, r0, r1)), each times x by BLAS."""
+    out, n = q.shape
+    T = x2.shape[0]
+    yT = np.empty((out, T), np.float32)                       # (out, T)
+    step = max(1, TILE_FLOATS // max(1, n))
+    for r0 in range(0, out, step):
+        r1 = min(out, r0 + step)
+        np.matmul(rows_fn(q, r0, r1), x2.T, out=yT[r0:r1])
+    return np.ascontiguousarray(yT.T)
+
+
+def matmul(q, x, kernel="cpu"):
+    """x (..., in) -> x @ q.dequantize().T  (..., out) float32, by `kernel`."""
+    if kernel not in KERNELS:
+        raise RefqError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
+    out, n = q.shape
+    if kernel == "gpu":
+        from refq.kernels.gpu import gpu_matmul
+        return gpu_matmul(q, x)
+    x2, lead = as_input(x, n)
+    T = x2.shape[0]
+    if kernel == "cpu":
+        _load_backend("cpu")
+        fmt = q.FORMAT
+        rows_fn = _REGISTRY["dequant_rows"].get(fmt)
+        fn = _REGISTRY["cpu"].get(fmt)
+        min_batch = getattr(fn, "blas_min_batch", None)
+        min_batch = BLAS_MIN_BATCH if min_batch is None else min(BLAS_MIN_BATCH, min_batch(q))
+        if rows_fn is not None and T >= min_batch:
+            y = blas_matmul(q, x2, rows_fn)
+        elif fmt in _REGISTRY["cpu"]:
+            y = _REGISTRY["cpu"][fmt](q, x2)
+        else:
+            y = dequant_matmul(q, x2)
+    else:
+        y = dequant_matmul(q, x2)
+    return y.reshape(lead + (out,))

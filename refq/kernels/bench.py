@@ -1,0 +1,164 @@
+"""`refq bench kernels`: time y = x Ŵᵀ per format and shape, with yardsticks.
+
+For every (format, shape, batch) it reports the median time of one product
+(after a warm-up call that also compiles), the effective bandwidth on the
+COMPRESSED bytes (every stored tensor of the weight, read once per product),
+and, measured in the same run and interleaved with the kernel's repetitions
+so that a busy machine slows both alike:
+  * the numpy float32 BLAS product x @ W.T with a dense (out, in) weight;
+  * a memory-copy bandwidth (np.copyto of 64 MiB, counting read + write).
+The weights are random (codes uniform over their range), so the numbers
+measure the kernels, not a model.
+"""
+import json
+import sys
+import time
+
+import numpy as np
+
+from refq.errors import RefqError
+
+SHAPES = ("576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008")
+FORMATS = {
+    # name: (description, builder(rng, out, in))
+    "uniform-w2g128": "RTN/GPTQ 2-bit, groups of 128",
+    "uniform-w4g128": "RTN/GPTQ 4-bit, groups of 128",
+    "codebook-w2": "CLAQ 2-bit per-column codebooks",
+    "additive-2x8": "AQLM 2 codebooks x 8 bits, groups of 8",
+}
+
+
+def build(fmt, rng, out, n):
+    if fmt.startswith("uniform-w"):
+        from refq.formats.uniform import UniformWeight
+        bits = int(fmt[len("uniform-w")])
+        g = 128
+        G = -(-n // g)
+        return UniformWeight.from_codes(rng.integers(0, 2 ** bits, (out, n), dtype=np.uint8),
+                                        rng.random((out, G)) * 0.01,
+                                        rng.integers(0, 2 ** bits, (out, G)), bits, g, False)
+    if fmt == "codebook-w2":
+        from refq.formats.codebook import CodebookWeight
+        cents = np.sort(rng.standard_normal((n, 4)), axis=1) * 0.02
+        return CodebookWeight.from_codes(rng.integers(0, 4, (out, n), dtype=np.uint8), list(cents),
+                                         np.full(n, 2, np.uint8))
+    if fmt == "additive-2x8":
+        from refq.formats.additive import AdditiveWeight
+        return AdditiveWeight.from_arrays(rng.integers(0, 256, (out, n // 8, 2), dtype=np.uint8),
+                                          rng.standard_normal((2, 256, 8)) * 0.02,
+                                          rng.random(out) + 0.5, 8)
+    raise RefqError(f"--format {fmt}: unknown (known: {', '.join(FORMATS)})")
+
+
+def parse_shape(s):
+    try:
+        o, i = s.lower().split("x")
+        o, i = int(o), int(i)
+        assert o > 0 and i > 0
+    except (ValueError, AssertionError):
+        raise RefqError(f"--shape {s!r}: expected OUTxIN, e.g. 4096x4096") from None
+    return o, i
+
+
+def copy_bandwidth(src, dst):
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    return 2 * src.nbytes / (time.perf_counter() - t) / 1e9
+
+
+def bench_one(q, W, x, kernel, repeat):
+    """Median seconds of kernel and of BLAS, interleaved, plus median copy GB/s.
+
+    With kernel "gpu" the input lives on the GPU (a CuPy array) and each timed
+    product ends with a device synchronisation, so no transfer is counted; the
+    yardsticks stay the CPU ones (numpy BLAS, host copy).
+    """
+    xk, sync = x, (lambda: None)
+    if kernel == "gpu":
+        import cupy
+        xk = cupy.asarray(x)
+        sync = cupy.cuda.Device().synchronize
+    q.matmul(xk, kernel=kernel)                              # warm-up / compile
+    sync()
+    _ = x @ W.T
+    src = np.ones(1 << 24, np.float32)
+    dst = np.empty_like(src)
+    tk, tb, cp = [], [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        q.matmul(xk, kernel=kernel)
+        sync()
+        tk.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _ = x @ W.T
+        tb.append(time.perf_counter() - t)
+        cp.append(copy_bandwidth(src, dst))
+    return float(np.median(tk)), float(np.median(tb)), float(np.median(cp))
+
+
+def run(formats, shapes, batches, kernel="cpu", repeat=7, seed=0, log=None):
+    import numba
+    rng = np.random.default_rng(seed)
+    rows = []
+    for shape in shapes:
+        out, n = parse_shape(shape)
+        W = rng.standard_normal((out, n), dtype=np.float32)
+        for fmt in formats:
+            q = build(fmt, rng, out, n)
+            nbytes = sum(int(t.nbytes) for t in q.tensors().values())
+            for T in batches:
+                x = rng.standard_normal((T, n), dtype=np.float32)
+                tk, tb, cp = bench_one(q, W, x, kernel, repeat)
+                sig = lambda v: float(f"{v:.4g}")              # noqa: E731
+                r = {"format": fmt, "shape": f"{out}x{n}", "batch": T, "kernel": kernel,
+                     "bits_per_weight": round(q.bits_per_weight, 4),
+                     "compressed_mb": round(nbytes / 1e6, 3),
+                     "ms": sig(tk * 1e3), "gbps": sig(nbytes / tk / 1e9),
+                     "blas_fp32_ms": sig(tb * 1e3),
+                     "blas_fp32_gbps": sig(W.nbytes / tb / 1e9),
+                     "speedup_vs_blas": sig(tb / tk),
+                     "copy_gbps": sig(cp),
+                     "fraction_of_copy": sig(nbytes / tk / 1e9 / cp)}
+                rows.append(r)
+                if log:
+                    log(f"{fmt:15s} {r['shape']:>11s} T={T:<3d} {r['ms']:9.3f} ms "
+                        f"{r['gbps']:7.2f} GB/s ({r['fraction_of_copy']:.2f} of copy) | "
+                        f"fp32 BLAS {r['blas_fp32_ms']:8.3f} ms -> x{r['speedup_vs_blas']:.2f}")
+    return {"threads": numba.get_num_threads(), "rows": rows}
+
+
+def add_commands(sub):
+    s = sub.add_parser("bench", help="benchmarks (bench kernels: matmul kernels per format)")
+    bs = s.add_subparsers(dest="bench_what", metavar="WHAT", parser_class=type(s))
+    bs.required = True
+    k = bs.add_parser("kernels", help="time the matmul kernels per format and shape")
+    k.add_argument("--format", action="append", choices=sorted(FORMATS),
+                   help="format to time (repeatable; default: all)")
+    k.add_argument("--shape", action="append", help="OUTxIN (repeatable; default: "
+                   + ", ".join(SHAPES) + ")")
+    k.add_argument("--batch", default="1", help="tokens per product, or a comma list (default 1)")
+    k.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu")
+    k.add_argument("--repeat", type=int, default=7, help="timed repetitions (median; default 7)")
+    k.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    k.set_defaults(func=cmd_bench_kernels)
+
+
+def cmd_bench_kernels(args):
+    from refq.kernels import check_kernel
+    check_kernel(args.kernel)
+    try:
+        batches = [int(b) for b in str(args.batch).split(",")]
+    except ValueError:
+        raise RefqError(f"--batch {args.batch!r}: expected a positive integer or a comma list") from None
+    if not batches or min(batches) < 1:
+        raise RefqError(f"--batch {args.batch!r}: must be >= 1")
+    if args.repeat < 1:
+        raise RefqError(f"--repeat {args.repeat}: must be >= 1")
+    shapes = args.shape or list(SHAPES)
+    for s in shapes:
+        parse_shape(s)
+    log = lambda m: print(m, file=sys.stderr, flush=True)      # noqa: E731
+    res = run(args.format or list(FORMATS), shapes, batches, args.kernel, args.repeat, log=log)
+    if args.json:
+        print(json.dumps(res))
+    return 0

@@ -1,0 +1,556 @@
+"""CPU kernels (numba): y = x Ŵᵀ straight from the packed tensors.
+
+Every kernel is parallel over OUTPUT ROWS (`prange` over rows or blocks of
+rows): each y[t, r] is written by the one thread that owns row r and is
+summed in an order fixed by the code, so 1 and N threads give bit-identical
+results (tests/test_kernels_cpu.py checks it). The official AQLM numba kernel
+parallelises over input groups and races on `out[i] +=`; none of these does.
+
+fastmath: the hot loops use only {"reassoc", "contract"} so that LLVM may
+vectorise the dot products (8 float lanes on AVX2) and fuse multiply-adds.
+The summation order is then fixed by the compiled code, not by the thread
+count: results are deterministic on one machine, and may differ in the last
+bits between CPUs with different vector widths. NaN/Inf semantics are kept.
+
+Formats and their kernels (x (T, in) float32, T small; y (T, out)):
+
+uniform, uniform_sparse (RTN, GPTQ, QuantEase)
+    W_hat[r, c] = s[r, g(c)] (q[r, c] - z[r, g(c)]), so
+        y[t, r] = Σ_g s[r, g] (Σ_{c in g} q[r, c] x[t, c]  -  z[r, g] X[t, g])
+    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. Widths 1, 2, 4
+    and 8 with groups starting on a byte ("bytes" kernel): byte i of a row
+    holds the codes of stored columns i*cpb .. i*cpb+cpb-1 (cpb = 8 / bits
+    codes per byte, least significant first), so x is split once per call
+    into cpb planes xp[t, p, i] = x[t, i*cpb + p] and the inner loop is
+        a += float(byte >> (bits*p) & mask) * xp[t, p, i]
+    over the bytes of one group, a loop whose length is a compile-time
+    constant (a closure constant: one kernel per (bits, group bytes)), which
+    LLVM unrolls and vectorises; tokens go four at a time so each byte is
+    decoded once per four dot products. Other
+    widths (3, 5, 6, 7 bits) or groups not on a byte boundary use the
+    bit-extraction kernel (any layout, slower). With act-order `perm`, x is
+    permuted into stored order first (x[:, perm]). Batches from 6 (<= 2 bits)
+    or 12 tokens (refq.kernels.BLAS_MIN_BATCH): dequantize tiles of rows with
+    `uniform_rows` and multiply by BLAS.
+    `uniform_sparse` adds the CSR outliers (below).
+
+codebook (CLAQ: one codebook per column, mixed widths)
+    LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
+    (widths ascending, columns ascending), then + CSR outliers.
+
+additive (AQLM)
+    LUT[t, k, m, j] = x[t, k-th group] · C_m[j]  (a small GEMM per token);
+    y[t, r] = s[r] Σ_k Σ_m LUT[t, k, m, code[r, k, m]].
+
+spqr: the uniform kernels, with the bilevel scales/zeros decoded once to float32.
+
+row_lut (SqueezeLLM: one table per output row)
+    y[t, r] = Σ_v lut[r, v] Σ_{c: code[r, c] = v} x[t, c]   (bucket sums, then a dot).
+
+CSR outliers (refq.formats.outliers): y[t, r] += Σ_e S_val[e] x[t, S_col[e]]
+    over row r's entries, ascending, after the dense part.
+"""
+import numpy as np
+from numba import njit, prange
+
+from refq.errors import RefqError
+from refq.kernels import register
+
+_FM = {"reassoc", "contract"}
+ROW_BLOCK = 16          # rows per prange item in the small-batch kernels
+
+
+# Below this many multiply-adds a product runs a serial twin of its kernel:
+# launching a parallel region costs ~10-50 us on a quiet machine, and on a
+# loaded one (the 2-core development machine shared by several jobs) it waits
+# for every worker thread to be scheduled, which made a SmolLM2 decode step
+# (210 products of ~1M weights) 15x slower. The choice depends only on the
+# shape and batch, never on the thread count, so results stay bit-identical
+# across thread counts.
+PAR_MIN_WORK = 1 << 21
+_SERIAL = {}
+
+
+def _run(kernel, work, *args):
+    """kernel(*args), or its serial twin when work < PAR_MIN_WORK."""
+    if work >= PAR_MIN_WORK:
+        return kernel(*args)
+    twin = _SERIAL.get(id(kernel))
+    if twin is None:
+        twin = _SERIAL[id(kernel)] = (kernel, njit(fastmath=_FM)(kernel.py_func))
+    return twin[1](*args)
+
+
+def _cached(q, key, build):
+    """Per-weight state derived from its tensors, rebuilt when one is replaced."""
+    st = q.__dict__.get("_kstate")
+    if st is not None and len(st[0]) == len(key) and all(a is b for a, b in zip(st[0], key)):
+        return st[1]
+    v = build()
+    q._kstate = (key, v)
+    return v
+
+
+# =========================================================================== CSR outliers
+@njit(cache=True, parallel=True)
+def _csr_add(y, x, rowptr, cols, vals):
+    """y (T, out) += x (T, in) Sᵀ, S in CSR (rowptr (out+1,), cols (nnz,), vals (nnz,) f32)."""
+    out = rowptr.shape[0] - 1
+    T = x.shape[0]
+    for r in prange(out):
+        e0, e1 = rowptr[r], rowptr[r + 1]
+        if e1 > e0:
+            for t in range(T):
+                a = np.float32(0.0)
+                for e in range(e0, e1):
+                    a += vals[e] * x[t, cols[e]]
+                y[t, r] += a
+
+
+@njit(cache=True, parallel=True)
+def _csr_add_rows(W, r0, rowptr, cols, vals):
+    """W (r1-r0, in) += S[r0:r1] (dense rows of the BLAS path)."""
+    for i in prange(W.shape[0]):
+        r = r0 + i
+        for e in range(rowptr[r], rowptr[r + 1]):
+            W[i, cols[e]] += vals[e]
+
+
+def csr_state(csr):
+    """(rowptr, cols, vals f32) of a refq.formats.outliers.CSR, or None when empty."""
+    if csr is None or csr.nnz == 0:
+        return None
+    return (np.ascontiguousarray(csr.rowptr), np.ascontiguousarray(csr.cols),
+            np.ascontiguousarray(csr.values, dtype=np.float32))
+
+
+def add_outliers(y, x2, st):
+    if st is not None:
+        _run(_csr_add, x2.shape[0] * x2.shape[1] * 4, y, x2, *st)
+    return y
+
+
+# =========================================================================== uniform
+_BYTES_KERNELS = {}      # (bits, h) -> compiled kernel
+
+
+def _uniform_bytes(bits, h):
+    """The kernel for widths 1/2/4/8 and groups of h bytes, compiled once per (bits, h).
+
+    bits and h are closure constants, so the group loops have compile-time trip
+    counts that LLVM unrolls and vectorises (numba.literally arguments stay
+    runtime values and ran ~30x slower). Numba cannot cache closures on disk:
+    the first product of a new (bits, group size) compiles for ~2 s.
+
+    kernel(qw, s, z, xp, xsum, y): qw (out, nb) uint8; s, z (out, G) f32;
+    xp (T, cpb, nb) f32 planes of x in stored column order (zero past in);
+    xsum (T, G) f32; y (T, out) f32 (written).
+    """
+    key = (bits, h)
+    if key in _BYTES_KERNELS:
+        return _BYTES_KERNELS[key]
+    cpb = 8 // bits
+    mask = (1 << bits) - 1
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(qw, s, z, xp, xsum, y):
+        out, nb = qw.shape
+        T = xp.shape[0]
+        G = s.shape[1]
+        M = np.int32(mask)
+        T4 = T - T % 4
+        nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
+        for blk in prange(nblk):
+            for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
+                row = qw[r]
+                # tokens four at a time: each code decoded once for four dot products
+                for t in range(0, T4, 4):
+                    y0 = np.float32(0.0)
+                    y1 = np.float32(0.0)
+                    y2 = np.float32(0.0)
+                    y3 = np.float32(0.0)
+                    for gi in range(G):
+                        b0 = gi * h
+                        hb = h if b0 + h <= nb else nb - b0
+                        a0 = np.float32(0.0)
+                        a1 = np.float32(0.0)
+                        a2 = np.float32(0.0)
+                        a3 = np.float32(0.0)
+                        if hb == h:                       # full group: constant trip count
+                            for k in range(h):
+                                c = np.int32(row[b0 + k])
+                                for p in range(cpb):
+                                    v = np.float32((c >> np.int32(bits * p)) & M)
+                                    a0 += v * xp[t, p, b0 + k]
+                                    a1 += v * xp[t + 1, p, b0 + k]
+                                    a2 += v * xp[t + 2, p, b0 + k]
+                                    a3 += v * xp[t + 3, p, b0 + k]
+                        else:
+                            for k in range(hb):
+                                c = np.int32(row[b0 + k])
+                                for p in range(cpb):
+                                    v = np.float32((c >> np.int32(bits * p)) & M)
+                                    a0 += v * xp[t, p, b0 + k]
+                                    a1 += v * xp[t + 1, p, b0 + k]
+                                    a2 += v * xp[t + 2, p, b0 + k]
+                                    a3 += v * xp[t + 3, p, b0 + k]
+                        sc, zr = s[r, gi], z[r, gi]
+                        y0 += sc * (a0 - zr * xsum[t, gi])
+                        y1 += sc * (a1 - zr * xsum[t + 1, gi])
+                        y2 += sc * (a2 - zr * xsum[t + 2, gi])
+                        y3 += sc * (a3 - zr * xsum[t + 3, gi])
+                    y[t, r] = y0
+                    y[t + 1, r] = y1
+                    y[t + 2, r] = y2
+                    y[t + 3, r] = y3
+                # the remaining tokens one at a time
+                for t in range(T4, T):
+                    tot = np.float32(0.0)
+                    for gi in range(G):
+                        b0 = gi * h
+                        a = np.float32(0.0)
+                        if b0 + h <= nb:                  # full group: constant trip count
+                            for k in range(h):
+                                c = np.int32(row[b0 + k])
+                                for p in range(cpb):
+                                    a += np.float32((c >> np.int32(bits * p)) & M) * xp[t, p, b0 + k]
+                        else:                             # the last, shorter group
+                            for k in range(nb - b0):
+                                c = np.int32(row[b0 + k])
+                                for p in range(cpb):
+                                    a += np.float32((c >> np.int32(bits * p)) & M) * xp[t, p, b0 + k]
+                        tot += s[r, gi] * (a - z[r, gi] * xsum[t, gi])
+                    y[t, r] = tot
+
+    @njit(parallel=True)
+    def rows(qw, s, z, r0, r1, W):
+        """W (r1-r0, nb*cpb) = W_hat[r0:r1] in STORED column order (padding columns too)."""
+        nb = qw.shape[1]
+        G = s.shape[1]
+        M = np.int32(mask)
+        for i in prange(r1 - r0):
+            r = r0 + i
+            row = qw[r]
+            for gi in range(G):
+                b0 = gi * h
+                hb = h if b0 + h <= nb else nb - b0
+                sc, zr = s[r, gi], z[r, gi]
+                for k in range(hb):
+                    c = np.int32(row[b0 + k])
+                    for p in range(cpb):
+                        W[i, (b0 + k) * cpb + p] = sc * (np.float32((c >> np.int32(bits * p)) & M) - zr)
+
+    kernel.rows = rows
+    _BYTES_KERNELS[key] = kernel
+    return kernel
+
+
+@njit(inline="always")
+def _code_at(row, k, bits, M, nb):
+    """Code k of a packed row (any width 1..8; may straddle two bytes)."""
+    bit = k * bits
+    i = bit >> 3
+    v = np.int32(row[i])
+    if i + 1 < nb:
+        v |= np.int32(row[i + 1]) << np.int32(8)
+    return (v >> np.int32(bit & 7)) & M
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _uniform_bits(qw, s, z, x, xsum, y, bits, g):
+    """Any width and group size: codes extracted one by one from the bitstream.
+
+    x (T, in) in stored column order; xsum (T, G); y (T, out) written.
+    """
+    out, nb = qw.shape
+    T, n = x.shape
+    G = s.shape[1]
+    M = np.int32((1 << bits) - 1)
+    for r in prange(out):
+        row = qw[r]
+        for t in range(T):
+            acc = np.float32(0.0)
+            for gi in range(G):
+                c0 = gi * g
+                c1 = min(n, c0 + g)
+                a = np.float32(0.0)
+                for c in range(c0, c1):
+                    a += np.float32(_code_at(row, c, bits, M, nb)) * x[t, c]
+                acc += s[r, gi] * (a - z[r, gi] * xsum[t, gi])
+            y[t, r] = acc
+
+
+@njit(cache=True, parallel=True)
+def _uniform_rows(qw, s, z, perm, r0, r1, bits, g, W):
+    """W (r1-r0, in) = W_hat[r0:r1] in ORIGINAL column order (perm (in,) or empty)."""
+    nb = qw.shape[1]
+    n = W.shape[1]
+    G = s.shape[1]
+    M = np.int32((1 << bits) - 1)
+    has_perm = perm.shape[0] > 0
+    for i in prange(r1 - r0):
+        r = r0 + i
+        row = qw[r]
+        for gi in range(G):
+            sc, zr = s[r, gi], z[r, gi]
+            for c in range(gi * g, min(n, gi * g + g)):
+                v = sc * (np.float32(_code_at(row, c, bits, M, nb)) - zr)
+                if has_perm:
+                    W[i, perm[c]] = v
+                else:
+                    W[i, c] = v
+
+
+def _uniform_like(q, qw, s, z, perm, bits, g, csr):
+    out, n = q.shape
+    cpb = 8 // bits if 8 % bits == 0 else 0
+    mode = "bytes" if cpb and g % cpb == 0 else "bits"
+    return {
+        "qw": np.ascontiguousarray(qw),
+        "s": np.ascontiguousarray(s, dtype=np.float32),                 # (out, G)
+        "z": np.ascontiguousarray(z, dtype=np.float32),                 # (out, G)
+        "perm": None if perm is None else np.asarray(perm).astype(np.int64),
+        "g": g, "bits": bits, "cpb": cpb, "mode": mode,
+        "h": g // cpb if mode == "bytes" else 0,
+        "csr": csr_state(csr),
+    }
+
+
+def _uniform_state(q):
+    """Kernel state of a uniform-like weight: "uniform", "uniform_sparse", "spqr"."""
+    if q.FORMAT == "spqr":
+        # SpQR: the same dense layout; scales/zeros decoded (float32, as the format
+        # defines them, zeros real-valued when bilevel) once per weight
+        def build():
+            q._validate()
+            f = q.fields
+            return _uniform_like(q, f["qweight"], q.scales(), q.zeros(), f.get("perm"), q.bits,
+                                 q.group_size, q.outliers)
+        return _cached(q, tuple(q.fields.values()) + (q.outliers,), build)
+
+    def build():
+        q._validate()                       # the format's own dtype/shape checks
+        return _uniform_like(q, q.qweight, q.scales, q.zeros(), q.perm, q.bits,
+                             q.group_size or q.shape[1], getattr(q, "outliers", None))
+    key = (q.qweight, q.scales, q.qzeros, q.perm, getattr(q, "outliers", None))
+    return _cached(q, key, build)
+
+
+def _group_sums(xs, g, G):
+    """(T, G) float32 sums of x over each group of g stored columns."""
+    T, n = xs.shape
+    pad = G * g - n
+    if pad:
+        xs = np.concatenate([xs, np.zeros((T, pad), np.float32)], axis=1)
+    return np.ascontiguousarray(xs.reshape(T, G, g).sum(axis=2, dtype=np.float32))
+
+
+@register("cpu", "uniform", "uniform_sparse", "spqr")
+def uniform_cpu(q, x2):
+    st = _uniform_state(q)
+    out, n = q.shape
+    T = x2.shape[0]
+    xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
+    G = st["s"].shape[1]
+    xsum = _group_sums(xs, st["g"], G)
+    y = np.empty((T, out), np.float32)
+    if st["mode"] == "bytes":
+        cpb, nb = st["cpb"], st["qw"].shape[1]
+        if nb * cpb != n:
+            xs = np.concatenate([xs, np.zeros((T, nb * cpb - n), np.float32)], axis=1)
+        xp = np.ascontiguousarray(xs.reshape(T, nb, cpb).transpose(0, 2, 1))   # (T, cpb, nb)
+        _run(_uniform_bytes(st["bits"], st["h"]), T * out * n, st["qw"], st["s"], st["z"], xp, xsum, y)
+    else:
+        _run(_uniform_bits, T * out * n, st["qw"], st["s"], st["z"], xs, xsum, y, st["bits"], st["g"])
+    return add_outliers(y, x2, st["csr"])
+
+
+uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
+
+
+@register("dequant_rows", "uniform", "uniform_sparse", "spqr")
+def uniform_rows(q, r0, r1):
+    st = _uniform_state(q)
+    W = np.empty((r1 - r0, q.shape[1]), np.float32)
+    if st["mode"] == "bytes":
+        n, nb, cpb = q.shape[1], st["qw"].shape[1], st["cpb"]
+        Ws = np.empty((r1 - r0, nb * cpb), np.float32)         # stored order (+ padding)
+        _uniform_bytes(st["bits"], st["h"]).rows(st["qw"], st["s"], st["z"], r0, r1, Ws)
+        if st["perm"] is None:
+            W = Ws[:, :n] if nb * cpb == n else np.ascontiguousarray(Ws[:, :n])
+        else:
+            W[:, st["perm"]] = Ws[:, :n]
+    else:
+        perm = st["perm"] if st["perm"] is not None else np.zeros(0, np.int64)
+        _uniform_rows(st["qw"], st["s"], st["z"], perm, r0, r1, st["bits"], st["g"], W)
+    if st["csr"] is not None:
+        _csr_add_rows(W, r0, *st["csr"])
+    return W
+
+
+# =========================================================================== codebook (CLAQ)
+_LUT_KERNELS = {}        # bits -> compiled kernel
+
+
+def _codebook_lut(bits):
+    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width.
+
+    qw (out, nbb) uint8 codes of the n_b columns of this width; lut (T, n_b, 2^b)
+    f32 = x[t, cols[k]] * C[k, v]. Widths 1/2/4/8 walk the bytes (cpb codes per
+    byte); others extract each code from the bitstream.
+    """
+    if bits in _LUT_KERNELS:
+        return _LUT_KERNELS[bits]
+    K = 1 << bits
+    cpb = 8 // bits if 8 % bits == 0 else 0
+    mask = K - 1
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(qw, lut, y):
+        out, nbb = qw.shape
+        T, nc = lut.shape[0], lut.shape[1]
+        M = np.int32(mask)
+        for r in prange(out):
+            row = qw[r]
+            for t in range(T):
+                L = lut[t]
+                a = np.float32(0.0)
+                if cpb > 0:
+                    nfull = nc // cpb
+                    for i in range(nfull):
+                        c = np.int32(row[i])
+                        for p in range(cpb):
+                            a += L[i * cpb + p, (c >> np.int32(bits * p)) & M]
+                    for k in range(nfull * cpb, nc):
+                        a += L[k, (np.int32(row[nfull]) >> np.int32(bits * (k - nfull * cpb))) & M]
+                else:
+                    for k in range(nc):
+                        a += L[k, _code_at(row, k, bits, M, nbb)]
+                y[t, r] += a
+
+    _LUT_KERNELS[bits] = kernel
+    return kernel
+
+
+def _codebook_state(q):
+    def build():
+        q._validate()
+        widths = []
+        for b in sorted(q.qweights):
+            widths.append((b, np.ascontiguousarray(q.qweights[b]), q.columns(b),
+                           np.ascontiguousarray(q.codebooks[b], dtype=np.float32)))
+        return {"widths": widths, "csr": csr_state(q.outliers)}
+    key = (q.column_bits, q.outliers) + tuple(q.qweights[b] for b in sorted(q.qweights)) \
+        + tuple(q.codebooks[b] for b in sorted(q.codebooks))
+    return _cached(q, key, build)
+
+
+@register("cpu", "codebook")
+def codebook_cpu(q, x2):
+    st = _codebook_state(q)
+    T = x2.shape[0]
+    y = np.zeros((T, q.shape[0]), np.float32)
+    for b, qw, cols, C in st["widths"]:
+        lut = np.ascontiguousarray(x2[:, cols][:, :, None] * C[None])     # (T, n_b, 2^b)
+        _run(_codebook_lut(b), T * qw.shape[0] * cols.size, qw, lut, y)
+    return add_outliers(y, x2, st["csr"])
+
+
+# =========================================================================== additive (AQLM)
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _additive_lut(codes, lut, s, y):
+    """y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]]; lut (T, Kg, M, 2^B)."""
+    out, Kg, M = codes.shape
+    T = lut.shape[0]
+    for r in prange(out):
+        for t in range(T):
+            a = np.float32(0.0)
+            for k in range(Kg):
+                for m in range(M):
+                    a += lut[t, k, m, codes[r, k, m]]
+            y[t, r] = s[r] * a
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _additive_direct(codes, C, s, x, y):
+    """Codebooks too large for a LUT (B > 8): y[t, r] = s[r] Σ_k (Σ_m C_m[code]) · x_k."""
+    out, Kg, M = codes.shape
+    g = C.shape[2]
+    T = x.shape[0]
+    for r in prange(out):
+        for t in range(T):
+            a = np.float32(0.0)
+            for k in range(Kg):
+                for j in range(g):
+                    w = np.float32(0.0)
+                    for m in range(M):
+                        w += C[m, codes[r, k, m], j]
+                    a += w * x[t, k * g + j]
+            y[t, r] = s[r] * a
+
+
+def _additive_state(q):
+    def build():
+        q._validate()
+        return {"codes": np.ascontiguousarray(q.codes),
+                "C": np.ascontiguousarray(q.codebooks, dtype=np.float32),     # (M, 2^B, g)
+                "s": np.ascontiguousarray(q.scales, dtype=np.float32)}
+    return _cached(q, (q.codes, q.codebooks, q.scales), build)
+
+
+# LUT entries per token above which the direct kernel is used instead
+ADDITIVE_LUT_MAX = 1 << 22
+
+
+@register("cpu", "additive")
+def additive_cpu(q, x2):
+    st = _additive_state(q)
+    out, n = q.shape
+    T = x2.shape[0]
+    C = st["C"]
+    M, K, g = C.shape
+    Kg = n // g
+    y = np.empty((T, out), np.float32)
+    if Kg * M * K <= ADDITIVE_LUT_MAX:
+        # LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call
+        lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
+        _run(_additive_lut, T * out * n, st["codes"], np.ascontiguousarray(lut, dtype=np.float32), st["s"], y)
+    else:
+        _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
+    return y
+
+
+# =========================================================================== row_lut (SqueezeLLM)
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _row_lut(qw, lut, x, y, bits):
+    """y[t, r] = Σ_v lut[r, v] · (Σ_{c: code[r, c] = v} x[t, c]): bucket sums of x per code,
+    then one short dot with the row's table (SqueezeLLM's per-row LUT)."""
+    out, nb = qw.shape
+    T, n = x.shape
+    K = 1 << bits
+    M = np.int32(K - 1)
+    for r in prange(out):
+        row = qw[r]
+        acc = np.zeros(K, np.float32)
+        for t in range(T):
+            acc[:] = 0
+            for c in range(n):
+                acc[_code_at(row, c, bits, M, nb)] += x[t, c]
+            a = np.float32(0.0)
+            for v in range(K):
+                a += lut[r, v] * acc[v]
+            y[t, r] = a
+
+
+@register("cpu", "row_lut")
+def row_lut_cpu(q, x2):
+    def build():
+        return {"qw": np.ascontiguousarray(q.qweight),
+                "lut": np.ascontiguousarray(q.lut, dtype=np.float32),
+                "csr": csr_state(q.outliers)}
+    st = _cached(q, (q.qweight, q.lut, q.outliers), build)
+    if st["qw"].dtype != np.uint8 or st["lut"].shape != (q.shape[0], 1 << q.bits):
+        raise RefqError(f"row_lut weight: packed tensors do not match shape {q.shape}")
+    y = np.empty((x2.shape[0], q.shape[0]), np.float32)
+    _run(_row_lut, x2.shape[0] * q.shape[0] * q.shape[1], st["qw"], st["lut"], x2, y, q.bits)
+    return add_outliers(y, x2, st["csr"])

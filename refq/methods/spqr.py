@@ -1,0 +1,384 @@
+"""SpQR: GPTQ with small groups, quantized group statistics and sparse outliers.
+
+Dettmers, Svirschevski, Egiazarian, Kuznedelev, Frantar, Ashkboos, Borzunov,
+Hoefler, Alistarh, "SpQR: A Sparse-Quantized Representation for Near-Lossless
+LLM Weight Compression" (arXiv 2306.03078); reference code Vahe1994/SpQR
+spqr_engine.py (`SPQRUtil.quantize`, `get_leave_one_out_error`),
+quant_groups.py.
+
+Objective: GPTQ's (paper eq. 1), min tr((W - Ŵ) H (W - Ŵ)ᵀ), with
+
+    Ŵ = dense_part + S,   dense_part on a per-(row, group of g columns) grid,
+    S sparse (the outliers, kept in float16).
+
+Algorithm (paper Alg. 1), on the GPTQ skeleton of refq.methods.gptq
+(Cholesky factor U of H⁻¹, lazy blocks of 128 columns, act_order):
+
+1. Small groups: every g = group_size columns (processing order) a new
+   min-max grid per row (3-4 bits; the grid of refq.methods.rtn), fit when the
+   group starts on the weights as updated by all earlier columns.
+2. Outlier criterion (paper §4.1, eq. 6-7): a weight is an outlier when its
+   GPTQ error is large,
+
+       ((w_rj - q(w_rj)) / U_jj)²  >  τ · mean_j( var_r(W[:, j]) / U_jj² )
+
+   with τ = outlier_threshold (0.2; the right side is the official
+   `outlier_scale`, var with ddof 1 over the rows, on W after act_order).
+   An outlier keeps its value: S[r, j] = fp16(w_rj - q(w_rj)), so Ŵ_rj =
+   q(w_rj) + S_rj ≈ w_rj, and its (tiny) error is what GPTQ compensates.
+3. Group statistics without outliers (leave_one_out, the official default):
+   before fitting a group's grid, for each weight t of each row, the
+   squared GPTQ error of the row's group with the grid fit WITHOUT t,
+
+       loo[r, t] = Σ_{c ≠ t} ((x_rc - q_{-t}(x_rc)) / U_cc)²
+
+   is compared with the error with the full grid; weights whose removal
+   lowers it by more than the threshold above are likely outliers, and the
+   grid is fit without them (replaced by the mean of the row's other weights
+   of the group, as the official code; with fp16 statistics refq sets them
+   to 0, which GPTQ's range always contains: exactly "leave them out").
+4. Bilevel statistics (paper §4.1 "small groups with bilevel quantization"):
+   per row r of a group, scale = (max - min) / maxq and a REAL-valued zero;
+   the vector of scales of one column group (over the rows) is quantized
+   min-max to qq_bits in blocks of qq_group_size consecutive rows,
+
+       scale_hat[r] = lo + step · code[r],   lo = fp16(min), step = fp16((max - lo)/(2^qq - 1))
+
+   (float32 arithmetic; every scale_hat > 0 because lo is), then the zero
+   that centres [min, max] on the grid of the QUANTIZED scale,
+   zero = maxq/2 - (min + max) / (2 scale_hat), is quantized the same way
+   (the official code takes -min/scale with the unquantized scale; centring
+   spreads the error of scale_hat over both ends of the range instead of
+   clipping one end: measured lower loss).  Codes are then
+   q = clamp(round(w / scale_hat + zero_hat), 0, 2^b - 1).
+   qq_bits = None keeps GPTQ's statistics instead (fp16 scale, integer zero,
+   range containing 0); then, with τ = inf, SpQR is exactly refq's GPTQ with
+   the same groups (tests/test_spqr.py).
+
+Stored ("spqr" format, refq/formats/spqr.py): b-bit codes, qq-bit scale and
+zero codes with fp16 (lo, step) per (block of qg rows, column group), the
+permutation, CSR outliers.  Bits per weight, everything stored counted:
+
+    b + 2 qq/g + 2·32/(g·qg) + 16/out (perm) + 32 (out + 1 + nnz)/(out·in)
+
+which is the paper's accounting, b + (qs + qz)/g + 2·32/(g·qg) + 32 · outlier
+share, plus the permutation and the CSR row pointers it leaves out; e.g.
+b = 3, g = qg = 16, qq = 3 on 576 x 576: 3.625 + 0.028 + 0.056 + 32 · share.
+"""
+
+import math
+import time
+
+import numpy as np
+from numba import njit
+
+from refq.errors import RefqError
+from refq.methods.gptq import inverse_cholesky
+from refq.methods.rtn import find_params
+
+_FP16_TINY = float(np.float16(2.0 ** -24))
+
+DEFAULTS = {"bits": 3, "group_size": 16, "sym": False, "act_order": True, "percdamp": 0.01,
+            "qq_bits": 3, "qq_group_size": 16, "outlier_threshold": 0.2, "leave_one_out": True}
+
+BLOCKSIZE = 128
+
+
+def _check_qq_bits(v):
+    if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                          or not 1 <= v <= 8):
+        return f"must be None (fp16 scales) or an integer in 1..8, got {v!r}"
+
+
+def _check_pos_int(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        return f"must be a positive integer, got {v!r}"
+
+
+def _check_threshold(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or math.isnan(v) or v <= 0:
+        return f"must be a number > 0 (inf: no outliers), got {v!r}"
+
+
+def _check_group_size(v):
+    return _check_pos_int(v)
+
+
+def _check_bool(v):
+    if not isinstance(v, (bool, np.bool_)):
+        return f"must be True or False, got {v!r}"
+
+
+CHECKS = {"leave_one_out": _check_bool, "qq_bits": _check_qq_bits, "qq_group_size": _check_pos_int,
+          "outlier_threshold": _check_threshold, "group_size": _check_group_size}
+CASTS = {"qq_bits": lambda v: None if v is None else int(v), "qq_group_size": int,
+         "outlier_threshold": float, "leave_one_out": bool, "group_size": int}
+
+
+# ---------------------------------------------------------------------------
+# float16 rounding inside numba (numba has no float16 type)
+# ---------------------------------------------------------------------------
+@njit(cache=True)
+def round_fp16(x):
+    """float64 -> the nearest float16 value (ties to even), as float64; |x| > 65504 -> ±inf."""
+    if x == 0.0 or not np.isfinite(x):
+        return x
+    m, e = math.frexp(abs(x))                 # |x| = m 2^e, m in [0.5, 1)
+    e = max(e - 1, -14)                       # exponent of |x|; subnormals share 2^-14
+    quantum = 2.0 ** (e - 10)                 # spacing of float16 in that binade
+    y = np.rint(x / quantum) * quantum        # exact: quantum is a power of two
+    if abs(y) > 65504.0:
+        return np.inf if y > 0 else -np.inf
+    return y
+
+
+# ---------------------------------------------------------------------------
+# numba kernel: GPTQ's column loop with the outlier criterion
+# ---------------------------------------------------------------------------
+@njit(cache=True)
+def _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr, real_zero,
+                      j0, j1, block_start, block_end):
+    """Quantize processing-order columns j0..j1-1 inside the block [block_start, block_end).
+
+    Wt      (n, out) float64  weights (row j = column j), updated in place
+    U       (n, n)   float64  upper Cholesky factor of the damped H^-1
+    Err     (B, out) float64  out: (w - ŵ) / U_jj of the block's columns
+    codes_t (n, out) uint8    out: codes
+    St      (n, out) float64  out: outlier values S (float16-representable), 0 elsewhere
+    scales, zeros (G, out)    grid of each group;  gidx (n,) group of each column
+    real_zero bool            zeros are real-valued (bilevel) rather than integers
+    thr     float             outlier threshold on ((w - q(w)) / U_jj)²  (eq. 6-7)
+    """
+    out = Wt.shape[1]
+    for j in range(j0, j1):
+        d = U[j, j]
+        g = gidx[j]
+        e = j - block_start
+        for r in range(out):
+            w = Wt[j, r]
+            s = scales[g, r]
+            z = zeros[g, r]
+            if real_zero:                          # bilevel: quantized real-valued zero
+                q = np.rint(w / s + z)             # q = clamp(round(w/s + z), 0, maxq)
+            else:
+                q = np.rint(w / s) + z             # q = clamp(round(w/s) + z, 0, maxq) (GPTQ)
+            if q < 0.0:
+                q = 0.0
+            elif q > maxq:
+                q = float(maxq)
+            codes_t[j, r] = np.uint8(q)
+            wq = s * (q - z)
+            err = (w - wq) / d                     # GPTQ error (eq. 5)
+            if err * err > thr:                    # outlier: keep w (as dense + fp16 S)
+                sv = round_fp16(w - wq)
+                St[j, r] = sv
+                wq += sv
+                err = (w - wq) / d
+            Err[e, r] = err
+        for k in range(j + 1, block_end):          # W[:, k] -= err * U_jk, k in block
+            u = U[j, k]
+            if u != 0.0:
+                for r in range(out):
+                    Wt[k, r] -= Err[e, r] * u
+
+
+# ---------------------------------------------------------------------------
+# group statistics
+# ---------------------------------------------------------------------------
+def _group_error(x, scale, zero, maxq, dinv2, real_zero):
+    """Σ_c ((x_c - q(x_c)) / U_cc)² per row: x (rows, m), scale/zero (rows,), dinv2 (rows, m) or (m,)."""
+    if real_zero:
+        q = np.clip(np.rint(x / scale[:, None] + zero[:, None]), 0, maxq)
+    else:
+        q = np.clip(np.rint(x / scale[:, None]) + zero[:, None], 0, maxq)
+    return np.sum((x - scale[:, None] * (q - zero[:, None])) ** 2 * dinv2, axis=1)
+
+
+def _loo_grid(x, bits, sym, real_zero, name):
+    """First-level grid of each row of x (rows, m) for the leave-one-out test:
+    GPTQ's (integer zero) or, for bilevel statistics, min-max with a real zero."""
+    if not real_zero or sym:
+        return find_params(x, bits, sym, False, name)
+    maxq = 2 ** bits - 1
+    xmin, xmax = x.min(axis=1), x.max(axis=1)
+    flat = xmin == xmax
+    xmin, xmax = np.where(flat, xmin - 1, xmin), np.where(flat, xmax + 1, xmax)
+    scale = (xmax - xmin) / maxq
+    return scale, -xmin / scale
+
+
+def likely_outliers(X, d, bits, sym, thr, real_zero=False, name=""):
+    """Leave-one-out test of one group (step 3).  X (out, m) current weights of
+    the group's columns, d (m,) their U_jj -> (out, m) bool.
+
+    reduction[r, t] = err(row r, grid on all m) - err(row r without t, grid without t)
+    """
+    out, m = X.shape
+    maxq = 2 ** bits - 1
+    dinv2 = 1.0 / d ** 2                                            # (m,)
+    s, z = _loo_grid(X, bits, sym, real_zero, name)
+    base = _group_error(X, s, z, maxq, dinv2, real_zero)            # (out,)
+    if m == 1:
+        return base > thr                                           # alone: no grid left to fit
+    keep = np.array([[c for c in range(m) if c != t] for t in range(m)])   # (m, m-1)
+    Xl = X[:, keep].reshape(out * m, m - 1)                         # row (r, t): row r without t
+    sl, zl = _loo_grid(Xl, bits, sym, real_zero, name)
+    loo = _group_error(Xl, sl, zl, maxq, np.tile(dinv2[keep], (out, 1)), real_zero).reshape(out, m)
+    return (base[:, None] - loo) > thr
+
+
+def quantize_stat(v, qq_bits, qq_group):
+    """Second level (step 4): v (out,) -> (codes (out,) int64, lo (R,) fp16, step (R,) fp16,
+    v_hat (out,) float64 = float32(lo + step * code)), R = ceil(out / qq_group):
+    min-max over each block of qq_group rows, codes the nearest level."""
+    out = v.shape[0]
+    maxqq = 2 ** qq_bits - 1
+    R = -(-out // qq_group)
+    lo = np.empty(R, np.float16)
+    step = np.empty(R, np.float16)
+    for b in range(R):
+        blk = v[b * qq_group:(b + 1) * qq_group]
+        lo[b] = np.float16(blk.min())
+        step[b] = np.float16((blk.max() - float(lo[b])) / maxqq)
+    lo_r = np.repeat(lo, qq_group)[:out].astype(np.float64)
+    step_r = np.repeat(step, qq_group)[:out].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(step_r > 0, np.rint((v - lo_r) / step_r), 0.0)
+    codes = np.clip(codes, 0, maxqq).astype(np.int64)
+    return codes, lo, step, dequantize_stat(codes, lo, step, qq_group).astype(np.float64)
+
+
+def dequantize_stat(codes, lo, step, qq_group):
+    """codes (out,), lo/step (R,) float16 -> (out,) float32 = lo + step * code (float32 arithmetic)."""
+    out = codes.shape[0]
+    lo32 = np.repeat(lo.astype(np.float32), qq_group)[:out]
+    st32 = np.repeat(step.astype(np.float32), qq_group)[:out]
+    return lo32 + st32 * codes.astype(np.float32)
+
+
+def fit_group(X, bits, sym, qq_bits, qq_group, name=""):
+    """Grid of one group: X (out, m) (outliers already set to 0) ->
+    scale (out,), zero (out,) float64, and the second level
+    ((scale codes, lo, step, hat), (zero codes, lo, step, hat) or None), or None.
+
+    qq_bits None: GPTQ's grid (refq.methods.rtn.find_params: range containing 0,
+    fp16 scale, integer zero).  qq_bits set (bilevel, step 4): scale =
+    (max - min) / maxq quantized first, then the real-valued zero that centres
+    [min, max] on the grid for the QUANTIZED scale,
+        zero = maxq/2 - (min + max) / (2 scale_hat),
+    quantized too (the official code uses -min/scale with the unquantized
+    scale; centring spreads the error of the quantized scale over both ends of
+    the range instead of clipping one: measured lower loss)."""
+    maxq = 2 ** bits - 1
+    scale, zero = find_params(X, bits, sym, False, name)             # GPTQ's min-max grid
+    if qq_bits is None:
+        return scale, zero, None
+    xmin, xmax = X.min(axis=1), X.max(axis=1)
+    if not sym:
+        flat = xmin == xmax                                          # constant row: width 2
+        xmin, xmax = np.where(flat, xmin - 1, xmin), np.where(flat, xmax + 1, xmax)
+        scale = (xmax - xmin) / maxq
+    sq = quantize_stat(scale, qq_bits, qq_group)
+    scale = np.maximum(sq[3], _FP16_TINY)                            # > 0 (lo > 0 already)
+    if sym:
+        return scale, zero, (sq, None)
+    zero = maxq / 2 - (xmin + xmax) / (2 * scale)
+    zq = quantize_stat(zero, qq_bits, qq_group)
+    return scale, zq[3], (sq, zq)
+
+
+# ---------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------
+def quantize_spqr(W, H, opts, name=""):
+    """W (out, in) float64, H (in, in) float64 -> SpqrWeight."""
+    from refq.api import layer_loss
+    from refq.formats.spqr import SpqrWeight
+
+    tick = time.perf_counter()
+    bits, g, sym = opts["bits"], opts["group_size"], opts["sym"]
+    qq_bits, qg = opts["qq_bits"], opts["qq_group_size"]
+    tau = opts["outlier_threshold"]
+    out, n = W.shape
+    if n % g:
+        raise RefqError(f"{name or 'spqr'}: group_size {g} does not divide in_features {n}")
+    maxq = 2 ** bits - 1
+    W_in, H_in = W, H
+    W = W.copy()                                    # (out, n)
+    H = H.copy()                                    # (n, n)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    if opts["act_order"]:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        H = H[perm][:, perm]
+    else:
+        perm = np.arange(n)
+    U, p_used, retries = inverse_cholesky(H, opts["percdamp"], name)
+    Ud = np.diag(U).copy()                          # (n,)
+    Wt = np.ascontiguousarray(W[:, perm].T)         # (n, out) processing order
+    del W
+
+    # threshold (eq. 7): τ · mean over columns of var_r(W[:, j]) / U_jj²
+    outlier_scale = float(np.mean(np.var(Wt, axis=1, ddof=1) / Ud ** 2)) if out > 1 else 0.0
+    thr = tau * outlier_scale if math.isfinite(tau) else np.inf
+
+    G = n // g
+    scales = np.empty((G, out))                     # (G, out) as used (quantized if qq)
+    zeros = np.empty((G, out))
+    R = -(-out // qg)
+    # second level (qq_bits set): codes (G, out) and (lo, step) (G, R) of scales and zeros
+    second = {k: np.zeros((G, out), np.int64) for k in ("scale_codes", "zero_codes")}
+    second.update({k: np.zeros((G, R), np.float16)
+                   for k in ("scale_lo", "scale_step", "zero_lo", "zero_step")})
+    gidx = (np.arange(n) // g).astype(np.int64)
+    Err = np.zeros((min(BLOCKSIZE, n), out))
+    codes_t = np.zeros((n, out), np.uint8)
+    St = np.zeros((n, out))
+    for b0 in range(0, n, BLOCKSIZE):               # blocks (lazy batch updates)
+        b1 = min(b0 + BLOCKSIZE, n)
+        j = b0
+        while j < b1:
+            if j % g == 0:                          # a group starts: fit its grid now
+                ge = j + g
+                cols = Wt[j:ge].copy()              # (g, out), brought up to date
+                if ge > b1:
+                    cols[b1 - j:] -= U[b0:j, b1:ge].T @ Err[:j - b0]
+                X = cols.T                          # (out, g)
+                if np.isfinite(thr) and opts["leave_one_out"]:
+                    likely = likely_outliers(X, Ud[j:ge], bits, sym, thr, qq_bits is not None, name)
+                    if qq_bits is None:             # 0 is in GPTQ's range: zero = left out
+                        X = np.where(likely, 0.0, X)
+                    else:                           # the official: the mean of the others
+                        cnt = np.maximum((~likely).sum(axis=1, keepdims=True), 1)
+                        mean = np.where(likely, 0.0, X).sum(axis=1, keepdims=True) / cnt
+                        X = np.where(likely, mean, X)
+                gi = j // g
+                scales[gi], zeros[gi], qq = fit_group(X, bits, sym, qq_bits, qg, name)
+                if qq is not None:
+                    for what, part in zip(("scale", "zero"), qq):
+                        if part is not None:
+                            (second[what + "_codes"][gi], second[what + "_lo"][gi],
+                             second[what + "_step"][gi], _) = part
+            stop = min(b1, (j // g + 1) * g)
+            _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr,
+                              qq_bits is not None, j, stop, b0, b1)
+            j = stop
+        if b1 < n:
+            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+
+    inv = np.argsort(perm)
+    S = St.T[:, inv]                                # (out, n) original column order
+    info = {"name": name, "percdamp_used": float(p_used), "damping_retries": int(retries),
+            "dead_inputs": int(dead.sum()), "outlier_threshold_abs": float(thr)}
+    qw = SpqrWeight.from_parts(
+        codes=np.ascontiguousarray(codes_t.T), bits=bits, group_size=g, sym=sym,
+        scales=scales.T, zeros=zeros.T, qq_bits=qq_bits, qq_group_size=qg,
+        second={k: v.T for k, v in second.items()},
+        perm=perm if opts["act_order"] else None, S=S, options=opts, info=info)
+    qw.info["outliers"] = qw.outliers.nnz
+    qw.info["seconds"] = time.perf_counter() - tick
+    qw.info["loss"] = layer_loss(W_in, qw.dequantize(), H_in)
+    return qw
