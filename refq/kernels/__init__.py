@@ -145,6 +145,11 @@ def matmul(q, x, kernel="cpu"):
         min_batch = BLAS_MIN_BATCH if min_batch is None else min(BLAS_MIN_BATCH, min_batch(q))
         if rows_fn is not None and T >= min_batch:
             y = blas_matmul(q, x2, rows_fn)
+        elif T >= BLAS_MIN_BATCH and fmt in _REGISTRY["cpu"]:
+            # large batch (e.g. a 512-token calibration or eval window) and no tiled
+            # decoder: dequantize once for this product (not kept) and use BLAS; a
+            # LUT kernel re-reads the codes per token and is far slower here
+            y = x2 @ np.ascontiguousarray(q.dequantize(), dtype=np.float32).T
         elif fmt in _REGISTRY["cpu"]:
             y = _REGISTRY["cpu"][fmt](q, x2)
         else:
