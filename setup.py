@@ -17,8 +17,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
         "gpu": ["cupy-cuda12x"],
+        "plot": ["matplotlib>=3.5"],        # refq compare's PNG
     },
     entry_points={"console_scripts": ["refq=refq.cli:main"]},
 )

@@ -6,6 +6,8 @@
     refq quantize  --method NAME    quantize a model into a packed checkpoint
     refq info      PATH             what a packed checkpoint holds
     refq bench kernels              time the matmul kernels (refq/kernels/bench.py)
+    refq golden write|verify DIR    golden fixtures for other implementations (GOLDEN.md)
+    refq compare   [--methods ...]  methods side by side: bits, perplexity, time, memory
 
 Human-readable output and progress bars go to stderr; with --json one JSON
 object alone goes to stdout. Exit codes: 0 ok, 1 failure, 2 bad usage or input.
@@ -159,6 +161,9 @@ def build_parser():
 
     from refq import golden       # refq golden write|verify (GOLDEN.md)
     golden.add_commands(sub)
+
+    from refq import compare      # refq compare: methods side by side
+    compare.add_commands(sub)
     return p
 
 

@@ -1,0 +1,409 @@
+"""`refq compare`: every method side by side on the same model, calibration and texts.
+
+    refq compare [--model PATH] [--methods SPEC ...] [--calib FILE] [--text FILE ...]
+                 [--nsamples N] [--seqlen L] [--seed S] [--eval-max-tokens N]
+                 [--out DIR] [--no-baseline] [--no-plot] [--json]
+
+A SPEC is a method and, optionally, its options:
+
+    gptq                                  the method's defaults
+    gptq:bits=3,group_size=128,act_order=true
+    claq:bits=2.2,outlier_reservation=true
+
+Option names are those of `refq quantize` (underscores or dashes); values are
+numbers, true/false, none, or words. For each SPEC, in order, compare runs
+
+    refq quantize --method M <options> --calib ... --out DIR/<spec>/checkpoint --json
+    refq eval --model DIR/<spec>/checkpoint --text T --json      (for each --text)
+
+as child processes (so the peak resident memory of each quantization is its
+own, read from the child's rusage) and writes DIR/<spec>/result.json last.
+Then it writes the table DIR/compare.md and DIR/compare.json and, when
+matplotlib is installed, the plot DIR/compare.png (perplexity on the first
+text against bits per weight, the Pareto front marked).
+
+Resumable: a SPEC whose result.json exists in DIR is not recomputed (texts that
+are new since are evaluated); a DIR made with other calibration settings is
+refused rather than mixed. One SPEC that fails is reported in the table and
+the others still run; the exit code is then 1.
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from refq.errors import RefqError
+
+# "Standard settings": ~3 bits for the quantizers (4 for SLiM, whose paper
+# setting is 4-bit + 2:4), the methods' own defaults otherwise. AQLM is left out
+# of the default list because it takes hours on a 2-core machine; name it to run it.
+DEFAULT_SPECS = [
+    "rtn:bits=3,group_size=128",
+    "gptq:bits=3,group_size=128,act_order=true",
+    "claq:bits=3",
+    "quantease:bits=3,group_size=128",
+    "spqr:bits=3",
+    "squeezellm:bits=3",
+    "slim",
+    "sparsegpt",
+    "wanda",
+]
+BASELINE = "unquantized"
+RESULT = "result.json"
+
+
+def _log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ============================================================================ specs
+def _value(s):
+    low = s.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def parse_spec(spec):
+    """'gptq:bits=3,act_order=true' -> ('gptq', {'bits': 3, 'act_order': True}), validated."""
+    from refq.methods import METHODS
+    from refq.quantize_cli import _check_options
+    method, _, rest = spec.partition(":")
+    if method not in METHODS:
+        raise RefqError(f"--methods {spec}: unknown method {method!r} (known: {', '.join(METHODS)})")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise RefqError(f"--methods {spec}: {item!r} is not OPTION=VALUE")
+        key = key.strip().replace("-", "_")
+        if key in opts:
+            raise RefqError(f"--methods {spec}: option {key} given twice")
+        if key == "seed" or key in METHODS[method].api_only:
+            raise RefqError(f"--methods {spec}: {key} is not a per-method option here"
+                            + (" (use --seed)" if key == "seed" else " (Python API only)"))
+        opts[key] = _value(val.strip())
+    try:
+        _check_options(method, opts)
+    except RefqError as e:
+        raise RefqError(f"--methods {spec}: {e}") from None
+    return method, opts
+
+
+def option_flags(opts):
+    """The `refq quantize` flags for an options dict."""
+    flags = []
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            flags += [flag, "none" if v is None else str(v)]
+    return flags
+
+
+def spec_dir(spec):
+    """A folder name for a spec: its text with anything but [A-Za-z0-9._=-] as '_'."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", spec)
+
+
+# ============================================================================ running
+def _run_child(args):
+    """Run `python -m refq.cli ARGS`; -> (returncode, stdout, peak RSS in MiB).
+
+    stderr (progress bars, errors) goes straight to ours. The child is reaped
+    with os.wait4, whose rusage is the child's own (ru_maxrss: KiB on Linux).
+    """
+    p = subprocess.Popen([sys.executable, "-m", "refq.cli"] + args,
+                         stdout=subprocess.PIPE, text=True)
+    out = p.stdout.read()
+    p.stdout.close()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, out, usage.ru_maxrss / 1024
+
+
+def _last_json(out):
+    lines = out.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def _folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _write_json_atomic(path, obj):
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _eval_texts(model, texts, have, max_tokens, ctx):
+    """ppl per text name for the texts not in `have`; -> (ppl dict, error or None)."""
+    ppl = dict(have)
+    for name, path in texts:
+        if name in ppl:
+            continue
+        args = ["eval", "--model", model, "--text", path, "--ctx", str(ctx), "--json"]
+        if max_tokens:
+            args += ["--max-tokens", str(max_tokens)]
+        rc, out, _ = _run_child(args)
+        if rc != 0:
+            return ppl, f"refq eval on {path} exited with {rc}"
+        ppl[name] = _last_json(out)["ppl"]
+    return ppl, None
+
+
+def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
+    """Quantize + evaluate one spec (or reuse its result.json); -> result dict."""
+    d = os.path.join(out_dir, spec_dir(spec))
+    res_path = os.path.join(d, RESULT)
+    ckpt = os.path.join(d, "checkpoint")
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
+        if res.get("settings") != settings:
+            diff = sorted(k for k in set(settings) | set(res.get("settings") or {})
+                          if (res.get("settings") or {}).get(k) != settings.get(k))
+            raise RefqError(f"--out {out_dir}: {spec} was made with other settings "
+                            f"({', '.join(diff)}); use another --out, or --force to redo it")
+        missing = [n for n, _ in texts if n not in res["ppl"]]
+        if not missing:
+            log(f"compare: {spec}: done before, reused ({res_path})")
+            return res
+        if not os.path.isdir(ckpt if method != BASELINE else settings["model"]):
+            raise RefqError(f"--out {out_dir}: {spec} needs evaluating on {', '.join(missing)} "
+                            f"but its checkpoint is gone; use --force to redo it")
+        log(f"compare: {spec}: evaluating on {', '.join(missing)}")
+        model = settings["model"] if method == BASELINE else ckpt
+        res["ppl"], err = _eval_texts(model, texts, res["ppl"], settings["eval_max_tokens"],
+                                      settings["ctx"])
+        if err:
+            return dict(res, error=err)
+        _write_json_atomic(res_path, res)
+        return res
+
+    log(f"compare: {spec}: running")
+    res = {"spec": spec, "method": method, "settings": settings}
+    if method == BASELINE:
+        res.update(options={}, bits_per_weight=32.0, quantize_seconds=0.0, peak_rss_mib=None,
+                   packed_bytes=_folder_bytes(settings["model"]))
+        model = settings["model"]
+    else:
+        args = ["quantize", "--method", method, *option_flags(opts),
+                "--model", settings["model"], "--calib", settings["calib"],
+                "--nsamples", str(settings["nsamples"]), "--seqlen", str(settings["seqlen"]),
+                "--seed", str(settings["seed"]), "--out", ckpt, "--force", "--json"]
+        t0 = time.perf_counter()
+        rc, out, rss = _run_child(args)
+        secs = time.perf_counter() - t0
+        if rc != 0:
+            return dict(res, error=f"refq quantize exited with {rc} (its message is above)")
+        q = _last_json(out)
+        res.update(options=q["options"], bits_per_weight=q["bits_per_weight"],
+                   quantize_seconds=round(secs, 1), peak_rss_mib=round(rss, 1),
+                   packed_bytes=_folder_bytes(ckpt))
+        model = ckpt
+    res["ppl"], err = _eval_texts(model, texts, {}, settings["eval_max_tokens"], settings["ctx"])
+    if err:
+        return dict(res, error=err)
+    _write_json_atomic(res_path, res)
+    return res
+
+
+# ============================================================================ table and plot
+def pareto(rows, text):
+    """Quantized specs on the Pareto front of (bits_per_weight, ppl on `text`): no other
+    is <= in both and < in one. The unquantized baseline is a reference, not a point."""
+    pts = [(r["spec"], r["bits_per_weight"], r["ppl"][text]) for r in rows
+           if not r.get("error") and text in r.get("ppl", {}) and r["method"] != BASELINE]
+    return {s for s, b, p in pts
+            if not any((b2 <= b and p2 <= p) and (b2 < b or p2 < p) for _, b2, p2 in pts)}
+
+
+def markdown(rows, texts, settings):
+    names = [n for n, _ in texts]
+    front = pareto(rows, names[0]) if names else set()
+    lines = [f"Model {settings['model_name']}; calibration {settings['nsamples']} x "
+             f"{settings['seqlen']} tokens of {os.path.basename(settings['calib'])} "
+             f"(seed {settings['seed']}); perplexity with ctx {settings['ctx']}"
+             + (f", first {settings['eval_max_tokens']} tokens" if settings["eval_max_tokens"]
+                else "") + f". Pareto front (bits vs ppl on {names[0]}): *.", "",
+             "| spec | options (other than the defaults) | bits/weight | " + " | ".join(f"ppl {n}" for n in names)
+             + " | quantize s | peak RSS MiB | packed MiB | front |",
+             "|---|---|---:|" + "---:|" * len(names) + "---:|---:|---:|:---:|"]
+    from refq.methods import METHODS
+    for r in rows:
+        defaults = METHODS[r["method"]].defaults if r["method"] in METHODS else {}
+        opts = {k: v for k, v in (r.get("options") or {}).items()
+                if k not in defaults or defaults[k] != v}
+        shown = ("-" if r["method"] == BASELINE else
+                 ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "defaults")
+        if r.get("error"):
+            lines.append(f"| {r['spec']} | {shown} | failed: {r['error']} |")
+            continue
+        rss = "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
+        lines.append(
+            f"| {r['spec']} | {shown} | {r['bits_per_weight']:.4f} | "
+            + " | ".join(f"{r['ppl'][n]:.3f}" if n in r["ppl"] else "-" for n in names)
+            + f" | {r['quantize_seconds']:.0f} | {rss} | {r['packed_bytes'] / 2**20:.2f} | "
+            + ("*" if r["spec"] in front else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, text, path):
+    """PNG of ppl on `text` vs bits per weight, Pareto front joined; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if not r.get("error") and text in r.get("ppl", {})]
+    front = pareto(ok, text)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for r in ok:
+        if r["method"] == BASELINE:
+            ax.axhline(r["ppl"][text], color="gray", ls="--", lw=1, label="unquantized")
+    ok = [r for r in ok if r["method"] != BASELINE]
+    for r in ok:
+        on = r["spec"] in front
+        ax.scatter(r["bits_per_weight"], r["ppl"][text], color="C3" if on else "C0", zorder=3)
+        ax.annotate(r["spec"], (r["bits_per_weight"], r["ppl"][text]), fontsize=7,
+                    xytext=(4, 2), textcoords="offset points")
+    f = sorted((r["bits_per_weight"], r["ppl"][text]) for r in ok if r["spec"] in front)
+    if f:
+        ax.plot([b for b, _ in f], [p for _, p in f], color="C3", lw=1, label="Pareto front")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (everything stored)")
+    ax.set_ylabel(f"perplexity on {text}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+# ============================================================================ command
+def add_commands(sub):
+    from refq.cli import DEFAULT_CALIB, DEFAULT_EVAL
+    s = sub.add_parser("compare", help="quantize with several methods and tabulate "
+                       "bits, perplexity, time, memory and size")
+    s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--methods", nargs="+", metavar="SPEC", default=None,
+                   help="METHOD[:option=value,...] each (default: "
+                   + " ".join(DEFAULT_SPECS) + "; aqlm only when named: hours on 2 cores)")
+    s.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (default: data/calib.txt)")
+    s.add_argument("--text", nargs="+", default=[DEFAULT_EVAL],
+                   help="texts to measure perplexity on (default: data/eval.txt)")
+    s.add_argument("--nsamples", type=int, default=32)
+    s.add_argument("--seqlen", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ctx", type=int, default=512, help="perplexity window (default 512)")
+    s.add_argument("--eval-max-tokens", type=int, default=None, help="use only the first N tokens")
+    s.add_argument("--out", default="refq-compare", help="results folder (default: ./refq-compare)")
+    s.add_argument("--force", action="store_true", help="recompute every SPEC, even if done")
+    s.add_argument("--no-baseline", action="store_true", help="leave out the unquantized model's row")
+    s.add_argument("--no-plot", action="store_true", help="no PNG plot")
+    s.add_argument("--json", action="store_true", help="print compare.json on stdout")
+    s.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args):
+    import shutil
+
+    from refq import __version__
+    from refq.cli import read_text
+    from refq.fetch import resolve_model
+    from refq.loading import is_packed
+
+    specs = args.methods or DEFAULT_SPECS
+    if len(set(specs)) != len(specs):
+        raise RefqError("--methods: a SPEC is given twice")
+    parsed = [(s, *parse_spec(s)) for s in specs]          # every spec checked before any work
+    dirs = {}
+    for s, _, _ in parsed:
+        if spec_dir(s) in dirs or spec_dir(s) == BASELINE:
+            raise RefqError(f"--methods {s}: same folder name as {dirs.get(spec_dir(s), BASELINE)}")
+        dirs[spec_dir(s)] = s
+    for opt, v in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen), ("--ctx", args.ctx)):
+        if v < (2 if opt == "--ctx" else 1):
+            raise RefqError(f"{opt} {v}: must be at least {2 if opt == '--ctx' else 1}")
+    if args.eval_max_tokens is not None and args.eval_max_tokens < 2:
+        raise RefqError(f"--eval-max-tokens {args.eval_max_tokens}: must be at least 2")
+    read_text(args.calib, "--calib")
+    texts, seen = [], set()
+    for t in args.text:
+        read_text(t, "--text")
+        name = os.path.basename(t)
+        if name in seen:
+            raise RefqError(f"--text {t}: another text has the same file name")
+        seen.add(name)
+        texts.append((name, os.path.abspath(t)))
+    model = resolve_model(args.model)
+    if is_packed(model):
+        raise RefqError(f"--model {model}: already a packed checkpoint; give the original model")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise RefqError(f"--out {args.out}: exists and is not a folder")
+
+    settings = {"model": os.path.abspath(model), "model_name": os.path.basename(os.path.normpath(model)),
+                "calib": os.path.abspath(args.calib), "calib_sha256": _sha256_file(args.calib),
+                "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                "ctx": args.ctx, "eval_max_tokens": args.eval_max_tokens}
+    os.makedirs(args.out, exist_ok=True)
+    todo = ([] if args.no_baseline else [(BASELINE, BASELINE, {})]) + parsed
+    if args.force:
+        for s, _, _ in todo:
+            shutil.rmtree(os.path.join(args.out, spec_dir(s)), ignore_errors=True)
+    rows = []
+    for spec, method, opts in todo:
+        r = run_spec(spec, method, opts, settings, texts, args.out)
+        if r.get("error"):
+            _log(f"compare: {spec}: FAILED: {r['error']}")
+        rows.append(r)
+
+    table = markdown(rows, texts, settings)
+    report = {"refq_version": __version__, "settings": settings,
+              "texts": [n for n, _ in texts], "pareto_front": sorted(pareto(rows, texts[0][0])),
+              "rows": rows}
+    with open(os.path.join(args.out, ".compare.md.tmp"), "w") as f:
+        f.write(table)
+    os.replace(os.path.join(args.out, ".compare.md.tmp"), os.path.join(args.out, "compare.md"))
+    _write_json_atomic(os.path.join(args.out, "compare.json"), report)
+    _log(table)
+    if not args.no_plot:
+        png = os.path.join(args.out, "compare.png")
+        if plot(rows, texts[0][0], png):
+            _log(f"compare: plot {png}")
+        else:
+            _log("compare: matplotlib is not installed, so no plot (pip install matplotlib)")
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    return 1 if any(r.get("error") for r in rows) else 0
