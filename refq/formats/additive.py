@@ -109,35 +109,12 @@ class AdditiveWeight(QuantizedWeight):
     def tensors(self):
         return {"codes": self.codes, "codebooks": self.codebooks, "scales": self.scales}
 
-    def meta(self):
-        return {
-            "format": self.FORMAT,
-            "format_version": self.FORMAT_VERSION,
-            "method": self.method,
-            "shape": list(self.shape),
-            "num_codebooks": self.num_codebooks,
-            "nbits_per_codebook": self.nbits_per_codebook,
-            "in_group_size": self.in_group_size,
-            "options": dict(self.options),
-            # diagnostics; wall time left out so that checkpoints are reproducible
-            "info": {k: v for k, v in self.info.items() if k != "seconds"},
-        }
+    META_FIELDS = ('num_codebooks', 'nbits_per_codebook', 'in_group_size')
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"additive: meta format is {meta.get('format')!r}, not 'additive'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"additive: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        unknown = set(tensors) - set(cls.COMPONENTS)
-        if unknown:
-            raise RefqError(f"additive: unexpected tensors {sorted(unknown)}")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-            M, B, g = (int(meta[k]) for k in ("num_codebooks", "nbits_per_codebook", "in_group_size"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefqError(f"additive: meta lacks a valid {e}") from None
+        shape, v = cls.read_meta(tensors, meta, dict.fromkeys(cls.META_FIELDS, int))
+        M, B, g = (v[k] for k in cls.META_FIELDS)
         get = lambda k: np.asarray(tensors[k]) if k in tensors else None  # noqa: E731
         return cls(shape, M, B, g, get("codes"), get("codebooks"), get("scales"),
                    method=meta.get("method", "unknown"), options=meta.get("options", {}),

@@ -28,13 +28,14 @@ class QuantizedWeight:
     """A quantized linear weight of shape (out, in), y = x @ W_hat.T.
 
     Subclasses set FORMAT, FORMAT_VERSION, COMPONENTS (tensor name ->
-    component name used in bits_breakdown) and implement dequantize,
-    tensors, meta and from_tensors.
+    component name used in bits_breakdown) and META_FIELDS, and implement
+    dequantize, tensors and from_tensors (which starts with read_meta).
     """
 
     FORMAT = None
     FORMAT_VERSION = None
     COMPONENTS = {}
+    META_FIELDS = ()   # attributes that meta() stores beside the common keys
 
     def __init__(self, shape, method, options, info=None):
         self.shape = (int(shape[0]), int(shape[1]))  # (out, in)
@@ -52,15 +53,48 @@ class QuantizedWeight:
         """-> dict name -> ndarray: exactly what is stored on disk."""
         raise NotImplementedError
 
-    def meta(self):
-        """-> JSON-serialisable dict (format, format_version, method, shape, options, ...)."""
-        raise NotImplementedError
-
     @classmethod
     def from_tensors(cls, tensors, meta):
         raise NotImplementedError
 
     # ---- shared ----------------------------------------------------------
+    def meta(self):
+        """-> JSON-serialisable dict: format, format_version, method, shape, the
+        format's META_FIELDS, options, and info (diagnostics; the wall time is
+        left out so that checkpoints are reproducible)."""
+        m = {"format": self.FORMAT, "format_version": self.FORMAT_VERSION,
+             "method": self.method, "shape": list(self.shape)}
+        m.update({k: getattr(self, k) for k in self.META_FIELDS})
+        m["options"] = dict(self.options)
+        m["info"] = {k: v for k, v in self.info.items() if k != "seconds"}
+        return m
+
+    @classmethod
+    def read_meta(cls, tensors, meta, fields=None, check_tensors=True):
+        """The checks each from_tensors starts with -> (shape, {field: value}).
+
+        meta names this format and version; with check_tensors, no tensor
+        outside COMPONENTS; meta has a valid shape and each of `fields`
+        ({name: converter or None}). A failure is a RefqError naming the format.
+        """
+        name = cls.FORMAT
+        if meta.get("format") != name:
+            raise RefqError(f"{name}: meta format is {meta.get('format')!r}, not {name!r}")
+        if meta.get("format_version") != cls.FORMAT_VERSION:
+            raise RefqError(f"{name}: unsupported format_version {meta.get('format_version')!r} "
+                            f"(this refq reads {cls.FORMAT_VERSION})")
+        if check_tensors:
+            unknown = set(tensors) - set(cls.COMPONENTS)
+            if unknown:
+                raise RefqError(f"{name}: unexpected tensors {sorted(unknown)}")
+        try:
+            shape = tuple(int(v) for v in meta["shape"])
+            values = {k: meta[k] if conv is None else conv(meta[k])
+                      for k, conv in (fields or {}).items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise RefqError(f"{name}: meta lacks a valid {e}") from None
+        return shape, values
+
     @property
     def bits_per_weight(self):
         """Every stored bit divided by out*in (see module docstring)."""

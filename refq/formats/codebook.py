@@ -144,27 +144,9 @@ class CodebookWeight(QuantizedWeight):
         t.update(self.outliers.tensors())
         return t
 
-    def meta(self):
-        return {
-            "format": self.FORMAT,
-            "format_version": self.FORMAT_VERSION,
-            "method": self.method,
-            "shape": list(self.shape),
-            "options": dict(self.options),
-            "info": {k: v for k, v in self.info.items() if k != "seconds"},
-        }
-
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"codebook: meta format is {meta.get('format')!r}, not 'codebook'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"codebook: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise RefqError("codebook: meta lacks a valid 'shape'") from None
+        shape, _ = cls.read_meta(tensors, meta, check_tensors=False)   # names checked below
         qweights, codebooks = {}, {}
         for name, arr in tensors.items():
             if name.startswith("qweight_") and name[8:].isdigit():

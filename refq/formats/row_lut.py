@@ -72,27 +72,12 @@ class RowLutWeight(QuantizedWeight):
         t.update(self.outliers.tensors())
         return t
 
-    def meta(self):
-        return {"format": self.FORMAT, "format_version": self.FORMAT_VERSION,
-                "method": self.method, "shape": list(self.shape), "bits": self.bits,
-                "options": dict(self.options),
-                "info": {k: v for k, v in self.info.items() if k != "seconds"}}
+    META_FIELDS = ('bits',)
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"row_lut: meta format is {meta.get('format')!r}, not 'row_lut'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"row_lut: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        unknown = set(tensors) - set(cls.COMPONENTS)
-        if unknown:
-            raise RefqError(f"row_lut: unexpected tensors {sorted(unknown)}")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-            bits = int(meta["bits"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefqError(f"row_lut: meta lacks a valid {e}") from None
+        shape, v = cls.read_meta(tensors, meta, {"bits": int})
+        bits = v["bits"]
         csr = CSR.from_tensors(tensors, shape, "row_lut")
         return cls(shape, bits, np.asarray(tensors["qweight"]) if "qweight" in tensors else None,
                    np.asarray(tensors["lut"]) if "lut" in tensors else None, csr,

@@ -321,39 +321,14 @@ class SlimWeight(QuantizedWeight):
     def tensors(self):
         return dict(self.fields)
 
-    def meta(self):
-        return {
-            "format": self.FORMAT,
-            "format_version": self.FORMAT_VERSION,
-            "method": self.method,
-            "shape": list(self.shape),
-            "pattern": self.pattern,
-            "bits": self.bits,
-            "grid": self.grid,
-            "sym": self.sym,
-            "rank": self.rank,
-            "adapter_bits": self.adapter_bits,
-            "adapter_group_size": self.adapter_group_size,
-            "options": dict(self.options),
-            "info": {k: v for k, v in self.info.items() if k != "seconds"},
-        }
+    META_FIELDS = ('pattern', 'bits', 'grid', 'sym', 'rank', 'adapter_bits', 'adapter_group_size')
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"slim: meta format is {meta.get('format')!r}, not 'slim'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"slim: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        unknown = set(tensors) - set(cls.COMPONENTS)
-        if unknown:
-            raise RefqError(f"slim: unexpected tensors {sorted(unknown)}")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-            args = (meta["pattern"], int(meta["bits"]), meta["grid"], bool(meta["sym"]),
-                    int(meta["rank"]), meta["adapter_bits"], meta["adapter_group_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefqError(f"slim: meta lacks a valid {e}") from None
+        shape, v = cls.read_meta(tensors, meta, {"pattern": None, "bits": int, "grid": None,
+                                                 "sym": bool, "rank": int, "adapter_bits": None,
+                                                 "adapter_group_size": None})
+        args = tuple(v[k] for k in cls.META_FIELDS)
         return cls(shape, *args, {k: np.asarray(v) for k, v in tensors.items()},
                    method=meta.get("method", "unknown"), options=meta.get("options", {}),
                    info=meta.get("info", {}))

@@ -177,26 +177,12 @@ class SpqrWeight(QuantizedWeight):
         t.update(self.outliers.tensors())
         return t
 
-    def meta(self):
-        return {"format": self.FORMAT, "format_version": self.FORMAT_VERSION,
-                "method": self.method, "shape": list(self.shape), "bits": self.bits,
-                "group_size": self.group_size, "sym": self.sym, "qq_bits": self.qq_bits,
-                "qq_group_size": self.qq_group_size, "options": dict(self.options),
-                "info": {k: v for k, v in self.info.items() if k != "seconds"}}
+    META_FIELDS = ('bits', 'group_size', 'sym', 'qq_bits', 'qq_group_size')
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"spqr: meta format is {meta.get('format')!r}, not 'spqr'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"spqr: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-            args = (meta["bits"], meta["group_size"], meta["sym"], meta["qq_bits"],
-                    meta["qq_group_size"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefqError(f"spqr: meta lacks a valid {e}") from None
+        shape, v = cls.read_meta(tensors, meta, dict.fromkeys(cls.META_FIELDS), check_tensors=False)
+        args = tuple(v[k] for k in cls.META_FIELDS)
         return cls(shape, *args, {k: np.asarray(v) for k, v in tensors.items()},
                    method=meta.get("method", "unknown"), options=meta.get("options", {}),
                    info=meta.get("info", {}))

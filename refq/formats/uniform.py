@@ -153,35 +153,12 @@ class UniformWeight(QuantizedWeight):
             t["perm"] = self.perm
         return t
 
-    def meta(self):
-        return {
-            "format": self.FORMAT,
-            "format_version": self.FORMAT_VERSION,
-            "method": self.method,
-            "shape": list(self.shape),
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "sym": self.sym,
-            "options": dict(self.options),
-            # diagnostics; wall time left out so that checkpoints are reproducible
-            "info": {k: v for k, v in self.info.items() if k != "seconds"},
-        }
+    META_FIELDS = ('bits', 'group_size', 'sym')
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"uniform: meta format is {meta.get('format')!r}, not 'uniform'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"uniform: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        unknown = set(tensors) - set(cls.COMPONENTS)
-        if unknown:
-            raise RefqError(f"uniform: unexpected tensors {sorted(unknown)}")
-        try:
-            shape = tuple(int(v) for v in meta["shape"])
-            bits, group_size, sym = meta["bits"], meta["group_size"], meta["sym"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise RefqError(f"uniform: meta lacks a valid {e}") from None
+        shape, v = cls.read_meta(tensors, meta, dict.fromkeys(cls.META_FIELDS))
+        bits, group_size, sym = (v[k] for k in cls.META_FIELDS)
         return cls(shape, bits, group_size, sym,
                    np.asarray(tensors.get("qweight")) if "qweight" in tensors else None,
                    np.asarray(tensors.get("scales")) if "scales" in tensors else None,

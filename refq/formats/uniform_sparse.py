@@ -61,14 +61,7 @@ class UniformSparseWeight(UniformWeight):
 
     @classmethod
     def from_tensors(cls, tensors, meta):
-        if meta.get("format") != cls.FORMAT:
-            raise RefqError(f"uniform_sparse: meta format is {meta.get('format')!r}, not 'uniform_sparse'")
-        if meta.get("format_version") != cls.FORMAT_VERSION:
-            raise RefqError(f"uniform_sparse: unsupported format_version {meta.get('format_version')!r} "
-                            f"(this refq reads {cls.FORMAT_VERSION})")
-        unknown = set(tensors) - set(cls.COMPONENTS)
-        if unknown:
-            raise RefqError(f"uniform_sparse: unexpected tensors {sorted(unknown)}")
+        cls.read_meta(tensors, meta)
         dense = {k: v for k, v in tensors.items() if k not in FIELDS}
         u = UniformWeight.from_tensors(dense, dict(meta, format="uniform",
                                                    format_version=UniformWeight.FORMAT_VERSION))
