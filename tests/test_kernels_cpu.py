@@ -80,7 +80,8 @@ def test_kernel_equals_dequantize(name, build):
 
 def test_blas_path_and_small_path_agree(monkeypatch):
     rng = np.random.default_rng(1)
-    for q in (uniform(rng, 300, 136, 4, 32, perm=True), uniform(rng, 40, 50, 3, 16)):
+    for q in (uniform(rng, 300, 136, 4, 32, perm=True), uniform(rng, 40, 50, 3, 16),
+              codebook(rng, 37, 90)):
         x = rng.standard_normal((20, q.shape[1])).astype(np.float32)
         ref = x @ q.dequantize().T
         monkeypatch.setattr(K, "TILE_FLOATS", 4000)          # several row tiles
@@ -88,6 +89,25 @@ def test_blas_path_and_small_path_agree(monkeypatch):
         assert rel(matmul(q, x), ref) <= TOL
         monkeypatch.setattr(K, "BLAS_MIN_BATCH", 10 ** 9)
         assert rel(matmul(q, x), ref) <= TOL
+
+
+def test_lut_row_tiles_equal_dequantize_exactly():
+    """The numba tile decoders of the codebook format (2/3/4 widths, 1/8, CSR) and
+    of row_lut (SqueezeLLM, with CSR) are W_hat itself: each value is one stored
+    table entry (+ one outlier)."""
+    from refq.api import quantize_weight
+    from refq.kernels.cpu import codebook_rows, row_lut_rows
+    rng = np.random.default_rng(5)
+    W0 = rng.standard_normal((19, 40)).astype(np.float32)
+    X = rng.standard_normal((200, 40))
+    sq = quantize_weight(W0, X.T @ X / 200, "squeezellm", bits=3, sensitive_frac=0.05)
+    assert sq.outliers.nnz > 0
+    for q, fn in ((codebook(rng, 37, 90), codebook_rows),
+                  (codebook(rng, 23, 41, widths=(1, 8), outliers=False), codebook_rows),
+                  (sq, row_lut_rows)):
+        W = q.dequantize()
+        for r0, r1 in ((0, q.shape[0]), (0, 1), (5, 17), (q.shape[0] - 3, q.shape[0])):
+            assert np.array_equal(fn(q, r0, r1), W[r0:r1])
 
 
 def test_integer_exact():

@@ -36,11 +36,13 @@ uniform, uniform_sparse (RTN, GPTQ, QuantEase)
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
-    (widths ascending, columns ascending), then + CSR outliers.
+    (widths ascending, columns ascending), then + CSR outliers. Large batches:
+    `codebook_rows` decodes tiles of rows for BLAS.
 
 additive (AQLM)
     LUT[t, k, m, j] = x[t, k-th group] · C_m[j]  (a small GEMM per token);
-    y[t, r] = s[r] Σ_k Σ_m LUT[t, k, m, code[r, k, m]].
+    y[t, r] = s[r] Σ_k Σ_m LUT[t, k, m, code[r, k, m]], groups outer and rows
+    inner over a group-major copy of the codes, so one group's table stays in L1.
 
 spqr: the uniform kernels, with the bilevel scales/zeros decoded once to float32.
 
@@ -456,19 +458,62 @@ def codebook_cpu(q, x2):
     return add_outliers(y, x2, st["csr"])
 
 
+@njit(cache=True, parallel=True)
+def _codebook_rows(qw, C, cols, bits, r0, r1, W):
+    """W[i, cols[k]] = C[k, code[r0 + i, k]] for the columns of one width (any 1..8)."""
+    nb = qw.shape[1]
+    M = np.int32((1 << bits) - 1)
+    for i in prange(r1 - r0):
+        row = qw[r0 + i]
+        for k in range(cols.shape[0]):
+            W[i, cols[k]] = C[k, _code_at(row, k, bits, M, nb)]
+
+
+@register("dequant_rows", "codebook")
+def codebook_rows(q, r0, r1):
+    """W_hat[r0:r1] (the large-batch BLAS path): each width's codes through its
+    codebooks, then the CSR outliers. Columns of width 0 (none stored) stay 0."""
+    st = _codebook_state(q)
+    W = np.zeros((r1 - r0, q.shape[1]), np.float32)
+    for b, qw, cols, C in st["widths"]:
+        _codebook_rows(qw, C, cols, b, r0, r1, W)
+    if st["csr"] is not None:
+        _csr_add_rows(W, r0, *st["csr"])
+    return W
+
+
 # =========================================================================== additive (AQLM)
+ADDITIVE_ROWS = 1024    # rows per prange item of the LUT kernel
+
+
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _additive_lut(codes, lut, s, y):
-    """y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]]; lut (T, Kg, M, 2^B)."""
-    out, Kg, M = codes.shape
+def _additive_lut(codes_gm, lut, s, y):
+    """y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]]; lut (T, Kg, M, 2^B).
+
+    codes_gm is the codes in group-major order (Kg, out, M), made once per
+    weight: for one group k and codebook m the 2^B-entry table lut[t, k, m]
+    (1 KiB at B = 8) stays in L1 while a block of rows looks it up with codes
+    that are contiguous in memory. (Row-major codes would sweep the whole
+    Kg x M x 2^B table, 1 MiB at 4096 inputs, once per row.) Each row's sum
+    still runs over k, then m, in order, by the one thread owning its block.
+    """
+    Kg, out, M = codes_gm.shape
     T = lut.shape[0]
-    for r in prange(out):
+    nblk = (out + ADDITIVE_ROWS - 1) // ADDITIVE_ROWS
+    for blk in prange(nblk):
+        r0 = blk * ADDITIVE_ROWS
+        r1 = min(out, r0 + ADDITIVE_ROWS)
+        acc = np.empty(r1 - r0, np.float32)
         for t in range(T):
-            a = np.float32(0.0)
+            acc[:] = 0.0
             for k in range(Kg):
+                ck = codes_gm[k]
                 for m in range(M):
-                    a += lut[t, k, m, codes[r, k, m]]
-            y[t, r] = s[r] * a
+                    L = lut[t, k, m]
+                    for r in range(r0, r1):
+                        acc[r - r0] += L[ck[r, m]]
+            for r in range(r0, r1):
+                y[t, r] = s[r] * acc[r - r0]
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -492,7 +537,11 @@ def _additive_direct(codes, C, s, x, y):
 def _additive_state(q):
     def build():
         q._validate()
-        return {"codes": np.ascontiguousarray(q.codes),
+        M, K, g = q.codebooks.shape
+        use_lut = (q.shape[1] // g) * M * K <= ADDITIVE_LUT_MAX
+        # the LUT kernel reads a group-major copy of the codes (same bytes, (Kg, out, M))
+        codes = np.transpose(q.codes, (1, 0, 2)) if use_lut else q.codes
+        return {"lut": use_lut, "codes": np.ascontiguousarray(codes),
                 "C": np.ascontiguousarray(q.codebooks, dtype=np.float32),     # (M, 2^B, g)
                 "s": np.ascontiguousarray(q.scales, dtype=np.float32)}
     return _cached(q, (q.codes, q.codebooks, q.scales), build)
@@ -511,10 +560,11 @@ def additive_cpu(q, x2):
     M, K, g = C.shape
     Kg = n // g
     y = np.empty((T, out), np.float32)
-    if Kg * M * K <= ADDITIVE_LUT_MAX:
+    if st["lut"]:
         # LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call
         lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
-        _run(_additive_lut, T * out * n, st["codes"], np.ascontiguousarray(lut, dtype=np.float32), st["s"], y)
+        _run(_additive_lut, T * out * n, st["codes"], np.ascontiguousarray(lut, dtype=np.float32),
+             st["s"], y)
     else:
         _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
     return y
@@ -542,8 +592,7 @@ def _row_lut(qw, lut, x, y, bits):
             y[t, r] = a
 
 
-@register("cpu", "row_lut")
-def row_lut_cpu(q, x2):
+def _row_lut_state(q):
     def build():
         return {"qw": np.ascontiguousarray(q.qweight),
                 "lut": np.ascontiguousarray(q.lut, dtype=np.float32),
@@ -551,6 +600,34 @@ def row_lut_cpu(q, x2):
     st = _cached(q, (q.qweight, q.lut, q.outliers), build)
     if st["qw"].dtype != np.uint8 or st["lut"].shape != (q.shape[0], 1 << q.bits):
         raise RefqError(f"row_lut weight: packed tensors do not match shape {q.shape}")
+    return st
+
+
+@njit(cache=True, parallel=True)
+def _row_lut_rows(qw, lut, bits, r0, r1, W):
+    """W[i, c] = lut[r0 + i, code[r0 + i, c]]."""
+    nb = qw.shape[1]
+    M = np.int32((1 << bits) - 1)
+    for i in prange(r1 - r0):
+        row = qw[r0 + i]
+        for c in range(W.shape[1]):
+            W[i, c] = lut[r0 + i, _code_at(row, c, bits, M, nb)]
+
+
+@register("dequant_rows", "row_lut")
+def row_lut_rows(q, r0, r1):
+    """W_hat[r0:r1] for the large-batch BLAS path: each row's table, then the CSR outliers."""
+    st = _row_lut_state(q)
+    W = np.empty((r1 - r0, q.shape[1]), np.float32)
+    _row_lut_rows(st["qw"], st["lut"], q.bits, r0, r1, W)
+    if st["csr"] is not None:
+        _csr_add_rows(W, r0, *st["csr"])
+    return W
+
+
+@register("cpu", "row_lut")
+def row_lut_cpu(q, x2):
+    st = _row_lut_state(q)
     y = np.empty((x2.shape[0], q.shape[0]), np.float32)
     _run(_row_lut, x2.shape[0] * q.shape[0] * q.shape[1], st["qw"], st["lut"], x2, y, q.bits)
     return add_outliers(y, x2, st["csr"])
