@@ -138,6 +138,26 @@ def test_bilevel_grid_by_hand_identity_hessian():
     assert np.any(q.zeros() != np.round(q.zeros()))
 
 
+def test_nearly_constant_row_far_from_zero_stays_finite():
+    """A group row whose range is far below float16's resolution of its centre
+    (found on SmolLM2 layer 3 gate_proj at 2 bits) once needed a zero of ~1e5,
+    beyond float16: the stored second level became inf and packing failed.
+    The row's range is now widened to |centre| maxq 2^-11, so the zero fits."""
+    from refq.methods.spqr import fit_group
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((16, 16)) * 0.1
+    X[5] = 0.03 + 1e-9 * np.arange(16)                       # range 1.5e-8, centre 0.03
+    scale, zero, _ = fit_group(X, 2, False, 3, 16)
+    assert np.isfinite(scale).all() and np.isfinite(zero).all()
+    assert abs(zero[5]) < 2 ** 12
+    W_hat5 = scale[5] * (np.clip(np.rint(X[5] / scale[5] + zero[5]), 0, 3) - zero[5])
+    assert np.abs(W_hat5 - X[5]).max() <= 0.03 * 2 ** -8     # the row is still represented
+    q = quantize_weight(np.vstack([X, X]), np.eye(16), "spqr", bits=2, outlier_threshold=math.inf)
+    assert np.isfinite(q.dequantize()).all()
+    s = quantize_stat(np.array([1e6, -1e6, 1.0, 2.0]), 3, 4)   # beyond float16: saturated
+    assert np.isfinite(s[1]).all() and np.isfinite(s[2]).all() and s[0].max() <= 7
+
+
 def test_bits_per_weight_hand_count():
     W, H = heavy_tailed(40, 64, seed=7)
     q = quantize_weight(W, H, "spqr", bits=3, group_size=16, qq_bits=3, qq_group_size=16)

@@ -237,10 +237,11 @@ def quantize_stat(v, qq_bits, qq_group):
     R = -(-out // qq_group)
     lo = np.empty(R, np.float16)
     step = np.empty(R, np.float16)
-    for b in range(R):
+    fp16_max = float(np.finfo(np.float16).max)
+    for b in range(R):                                  # stored as float16: saturate, never inf
         blk = v[b * qq_group:(b + 1) * qq_group]
-        lo[b] = np.float16(blk.min())
-        step[b] = np.float16((blk.max() - float(lo[b])) / maxqq)
+        lo[b] = np.float16(np.clip(blk.min(), -fp16_max, fp16_max))
+        step[b] = np.float16(np.clip((blk.max() - float(lo[b])) / maxqq, 0.0, fp16_max))
     lo_r = np.repeat(lo, qq_group)[:out].astype(np.float64)
     step_r = np.repeat(step, qq_group)[:out].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -278,6 +279,12 @@ def fit_group(X, bits, sym, qq_bits, qq_group, name=""):
     if not sym:
         flat = xmin == xmax                                          # constant row: width 2
         xmin, xmax = np.where(flat, xmin - 1, xmin), np.where(flat, xmax + 1, xmax)
+        # a nearly constant row far from 0 (range < |centre| 2^-11 maxq) would need a
+        # zero beyond float16's range (zero ~ centre / scale): widen it about its centre
+        # to that minimum, so |zero| stays below ~2^11
+        centre, half = (xmin + xmax) / 2, (xmax - xmin) / 2
+        half = np.maximum(half, np.abs(centre) * maxq * 2.0 ** -12)
+        xmin, xmax = centre - half, centre + half
         scale = (xmax - xmin) / maxq
     sq = quantize_stat(scale, qq_bits, qq_group)
     scale = np.maximum(sq[3], _FP16_TINY)                            # > 0 (lo > 0 already)
