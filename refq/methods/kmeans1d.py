@@ -71,18 +71,10 @@ def _seg_cost(P0, P1, P2, i, j):
 def _best_split(Dprev, P0, P1, P2, j, i0, i1):
     """(min, leftmost argmin) over i in [i0, i1] of Dprev[i] + cost(i, j): one cell of eq. (2).
     Inlined into its callers (a call per cell costs more than the few i it scans)."""
-    p0, p1, p2 = P0[j], P1[j], P2[j]                    # the j-side of eq. (1), hoisted
     best = np.inf
     arg = i0
     for i in range(i0, i1 + 1):
-        s0 = p0 - P0[i]
-        c = 0.0
-        if s0 > 0.0:                                    # eq. (1) for the cluster [i, j)
-            s1 = p1 - P1[i]
-            c = (p2 - P2[i]) - s1 * s1 / s0
-            if c < 0.0:                                 # rounding can leave a tiny negative
-                c = 0.0
-        v = Dprev[i] + c                                # eq. (2)
+        v = Dprev[i] + _seg_cost(P0, P1, P2, i, j)      # eq. (2)
         if v < best:
             best = v
             arg = i
