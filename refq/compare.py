@@ -145,14 +145,18 @@ def _folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
-def _write_json_atomic(path, obj):
+def _write_atomic(path, text):
+    """Write text to a temporary file beside path, then rename: never half-written."""
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+    _write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _sha256_file(path):
@@ -181,23 +185,23 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
     d = os.path.join(out_dir, spec_dir(spec))
     res_path = os.path.join(d, RESULT)
     ckpt = os.path.join(d, "checkpoint")
+    model = settings["model"] if method == BASELINE else ckpt       # what gets evaluated
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
-        if res.get("settings") != settings:
-            diff = sorted(k for k in set(settings) | set(res.get("settings") or {})
-                          if (res.get("settings") or {}).get(k) != settings.get(k))
+        old = res.get("settings") or {}
+        if old != settings:
+            diff = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
             raise RefqError(f"--out {out_dir}: {spec} was made with other settings "
                             f"({', '.join(diff)}); use another --out, or --force to redo it")
         missing = [n for n, _ in texts if n not in res["ppl"]]
         if not missing:
             log(f"compare: {spec}: done before, reused ({res_path})")
             return res
-        if not os.path.isdir(ckpt if method != BASELINE else settings["model"]):
+        if not os.path.isdir(model):
             raise RefqError(f"--out {out_dir}: {spec} needs evaluating on {', '.join(missing)} "
                             f"but its checkpoint is gone; use --force to redo it")
         log(f"compare: {spec}: evaluating on {', '.join(missing)}")
-        model = settings["model"] if method == BASELINE else ckpt
         res["ppl"], err = _eval_texts(model, texts, res["ppl"], settings["eval_max_tokens"],
                                       settings["ctx"])
         if err:
@@ -209,8 +213,7 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
     res = {"spec": spec, "method": method, "settings": settings}
     if method == BASELINE:
         res.update(options={}, bits_per_weight=32.0, quantize_seconds=0.0, peak_rss_mib=None,
-                   packed_bytes=_folder_bytes(settings["model"]))
-        model = settings["model"]
+                   packed_bytes=_folder_bytes(model))
     else:
         args = ["quantize", "--method", method, *option_flags(opts),
                 "--model", settings["model"], "--calib", settings["calib"],
@@ -225,7 +228,6 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
         res.update(options=q["options"], bits_per_weight=q["bits_per_weight"],
                    quantize_seconds=round(secs, 1), peak_rss_mib=round(rss, 1),
                    packed_bytes=_folder_bytes(ckpt))
-        model = ckpt
     res["ppl"], err = _eval_texts(model, texts, {}, settings["eval_max_tokens"], settings["ctx"])
     if err:
         return dict(res, error=err)
@@ -393,9 +395,7 @@ def cmd_compare(args):
     report = {"refq_version": __version__, "settings": settings,
               "texts": [n for n, _ in texts], "pareto_front": sorted(pareto(rows, texts[0][0])),
               "rows": rows}
-    with open(os.path.join(args.out, ".compare.md.tmp"), "w") as f:
-        f.write(table)
-    os.replace(os.path.join(args.out, ".compare.md.tmp"), os.path.join(args.out, "compare.md"))
+    _write_atomic(os.path.join(args.out, "compare.md"), table)
     _write_json_atomic(os.path.join(args.out, "compare.json"), report)
     _log(table)
     if not args.no_plot:
