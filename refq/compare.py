@@ -361,9 +361,9 @@ def cmd_compare(args):
     if args.eval_max_tokens is not None and args.eval_max_tokens < 2:
         raise RefqError(f"--eval-max-tokens {args.eval_max_tokens}: must be at least 2")
     read_text(args.calib, "--calib")
-    texts, seen = [], set()
+    texts, contents, seen = [], [], set()
     for t in args.text:
-        read_text(t, "--text")
+        contents.append(read_text(t, "--text"))
         name = os.path.basename(t)
         if name in seen:
             raise RefqError(f"--text {t}: another text has the same file name")
@@ -372,6 +372,12 @@ def cmd_compare(args):
     model = resolve_model(args.model)
     if is_packed(model):
         raise RefqError(f"--model {model}: already a packed checkpoint; give the original model")
+    from llama_np import Tokenizer
+    tok = Tokenizer(model)
+    for t, text in zip(args.text, contents):     # refused now, not after a quantization
+        n = len(tok.encode(text)[:args.eval_max_tokens])
+        if n < 2:
+            raise RefqError(f"--text {t}: has {n} token(s); perplexity needs at least 2")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise RefqError(f"--out {args.out}: exists and is not a folder")
 

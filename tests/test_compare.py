@@ -149,6 +149,9 @@ def test_bad_texts_and_numbers(tiny, tmp_path):
     out = tmp_path / "out"
     r = run_cli(*common(tiny, out), "--text", tmp_path / "missing.txt", "--methods", "rtn")
     assert_one_line_error(r.returncode, r.stdout, r.stderr, "--text", "missing.txt")
+    (tmp_path / "one.txt").write_text("w5\n")                 # a single token
+    r = run_cli(*common(tiny, out), "--text", tiny / "a.txt", tmp_path / "one.txt", "--methods", "rtn")
+    assert_one_line_error(r.returncode, r.stdout, r.stderr, "--text", "one.txt", "1 token")
     r = run_cli(*common(tiny, out), "--text", tiny / "a.txt", "--nsamples", 0, "--methods", "rtn")
     assert_one_line_error(r.returncode, r.stdout, r.stderr, "--nsamples 0")
     assert not out.exists()
