@@ -144,6 +144,20 @@ def _check_finite(model, folder):
                             f"{finite.size - np.count_nonzero(finite)} NaN/Inf values")
 
 
+def _check_shapes(model, method, opts):
+    """Refuse, before calibrating, a layer the method cannot take with these options (e.g.
+    AQLM 1x16 on a layer with fewer than 65,536 groups), naming the tensor and the flag."""
+    from refq.api import validate_options
+    from refq.methods import METHODS
+    check = METHODS[method].check_shape
+    if check is None:
+        return
+    full = validate_options(method, opts)
+    for i, layer in enumerate(model.layers):
+        for n, lin in layer.linears.items():
+            check(lin.weight.shape, full, f"model.layers.{i}.{n}")
+
+
 def _eval(model, ids, what):
     from tqdm import tqdm
 
@@ -182,6 +196,7 @@ def cmd_quantize(args):
     t_start = time.perf_counter()
     model, tok = load_model(folder), Tokenizer(folder)
     _check_finite(model, folder)
+    _check_shapes(model, args.method, opts)
     calib_text = read_text(args.calib, "--calib")
     windows = calibration_windows(tok.encode(calib_text), args.nsamples, args.seqlen, args.seed)
     eval_ids = None

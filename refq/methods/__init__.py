@@ -9,7 +9,9 @@ Adding a method = one line below (its defaults dict lists its options; its
 checks/casts dicts validate the options that refq.api.OPTION_CHECKS does not
 know, or knows differently, e.g. CLAQ's fractional average `bits`).
 Option checks must not depend on the weight's shape: they run before any
-calibration.  Shape-dependent errors are raised by the method itself.
+calibration.  Shape-dependent errors are raised by the method itself; a method
+whose options can rule out a layer shape also gives check_shape(shape, opts,
+name), which `refq quantize` runs on every linear before calibrating.
 """
 
 from dataclasses import dataclass, field
@@ -35,6 +37,9 @@ class Method:
     validate: Callable = None
     # options of the Python API only (no command-line flag), e.g. per-column lists
     api_only: frozenset = frozenset()
+    # check_shape((out, in), opts, name) raises a one-line RefqError when a layer of this
+    # shape cannot take these options (run on every linear before any calibration)
+    check_shape: Callable = None
 
 
 METHODS = {
@@ -44,14 +49,18 @@ METHODS = {
     "slim-quant": Method(slim.quantize_slim_quant, slim.SLIM_QUANT_DEFAULTS, needs_hessian=False,
                          checks=slim.SLIM_QUANT_CHECKS),
     "slim": Method(slim.quantize_slim, slim.SLIM_DEFAULTS, needs_hessian=True,
-                   checks=slim.SLIM_CHECKS, casts=slim.SLIM_CASTS, validate=slim.validate_slim),
+                   checks=slim.SLIM_CHECKS, casts=slim.SLIM_CASTS, validate=slim.validate_slim,
+                   check_shape=sparsity.check_layer_shape),
     "wanda": Method(sparsity.prune_wanda, sparsity.DEFAULTS, needs_hessian=True,
-                    checks=sparsity.CHECKS, casts=sparsity.CASTS),
+                    checks=sparsity.CHECKS, casts=sparsity.CASTS,
+                    check_shape=sparsity.check_layer_shape),
     "sparsegpt": Method(sparsity.prune_sparsegpt, sparsity.SPARSEGPT_DEFAULTS, needs_hessian=True,
                         checks=sparsity.CHECKS, casts=sparsity.CASTS,
-                        validate=sparsity.validate_sparsegpt),
+                        validate=sparsity.validate_sparsegpt,
+                        check_shape=sparsity.check_layer_shape),
     "magnitude": Method(sparsity.prune_magnitude, sparsity.DEFAULTS, needs_hessian=False,
-                        checks=sparsity.CHECKS, casts=sparsity.CASTS),
+                        checks=sparsity.CHECKS, casts=sparsity.CASTS,
+                        check_shape=sparsity.check_layer_shape),
     "claq": Method(claq.quantize_claq, claq.DEFAULTS, needs_hessian=True, checks=claq.CHECKS,
                    casts=claq.CASTS, validate=claq.validate, api_only=claq.API_ONLY),
     "quantease": Method(quantease.quantize_quantease, quantease.DEFAULTS, needs_hessian=True,
@@ -61,5 +70,5 @@ METHODS = {
     "squeezellm": Method(squeezellm.quantize_squeezellm, squeezellm.DEFAULTS, needs_hessian=True,
                          checks=squeezellm.CHECKS, casts=squeezellm.CASTS),
     "aqlm": Method(aqlm.quantize_aqlm, aqlm.DEFAULTS, needs_hessian=True,
-                   checks=aqlm.CHECKS, casts=aqlm.CASTS),
+                   checks=aqlm.CHECKS, casts=aqlm.CASTS, check_shape=aqlm.check_shape),
 }

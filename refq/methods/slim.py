@@ -355,7 +355,7 @@ def quantize_slim(W, H, opts, name=""):
     from refq.formats.slim import SlimWeight
     tick = time.perf_counter()
     pattern, p = sp.parse_sparsity(opts["sparsity"])
-    sp.check_shape(W, pattern, name)
+    sp.check_shape(W.shape, pattern, name)
     bits = opts["bits"]
     r = adapter_rank(W.shape, opts["rank"], opts["rank_ratio"], name)
 

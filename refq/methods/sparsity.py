@@ -126,11 +126,16 @@ CHECKS = {"sparsity": check_sparsity, "bits": check_bits16}
 CASTS = {"sparsity": cast_sparsity}
 
 
-def check_shape(W, pattern, name=""):
+def check_shape(shape, pattern, name=""):
     """2:4 needs in_features divisible by 4 (one-line RefqError otherwise)."""
-    if pattern == "2:4" and W.shape[1] % 4:
+    if pattern == "2:4" and shape[1] % 4:
         raise RefqError(f"{name or 'weight'}: 2:4 sparsity needs in_features divisible by 4, "
-                        f"got shape {tuple(W.shape)}")
+                        f"got shape {tuple(shape)}")
+
+
+def check_layer_shape(shape, opts, name=""):
+    """Method.check_shape: the same check from the options, before any calibration."""
+    check_shape(shape, parse_sparsity(opts["sparsity"])[0], name)
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +364,7 @@ def prune_magnitude(W, H, opts, name=""):
     """W (out, in) float64; H optional (only for the loss in info). -> SlimWeight."""
     tick = time.perf_counter()
     pattern, p = parse_sparsity(opts["sparsity"])
-    check_shape(W, pattern, name)
+    check_shape(W.shape, pattern, name)
     return _prune_then_round(W, H, opts, name, "magnitude", magnitude_mask(W, pattern, p), tick)
 
 
@@ -367,7 +372,7 @@ def prune_wanda(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64. -> SlimWeight."""
     tick = time.perf_counter()
     pattern, p = parse_sparsity(opts["sparsity"])
-    check_shape(W, pattern, name)
+    check_shape(W.shape, pattern, name)
     return _prune_then_round(W, H, opts, name, "wanda", wanda_mask(W, H, pattern, p), tick)
 
 
@@ -375,7 +380,7 @@ def prune_sparsegpt(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64. -> SlimWeight."""
     tick = time.perf_counter()
     pattern, p = parse_sparsity(opts["sparsity"])
-    check_shape(W, pattern, name)
+    check_shape(W.shape, pattern, name)
     bits = opts["bits"]
     grid = None
     scale = zero = None
