@@ -95,12 +95,14 @@ def test_kernel_gpu_without_gpu(packed, capsys):
 
 def test_bench_kernels_json(capsys):
     rc, out, err = cli(capsys, "bench", "kernels", "--shape", "40x64", "--batch", "1,3",
-                       "--format", "uniform-w4g128", "--format", "additive-2x8", "--repeat", 1, "--json")
+                       "--format", "uniform-w4g128", "--format", "additive-2x8", "--format", "codebook-w4",
+                       "--repeat", 1, "--json")
     assert rc == 0, err
     res = json.loads(out)
     rows = res["rows"]
     assert [(r["format"], r["batch"]) for r in rows] == [
-        ("uniform-w4g128", 1), ("uniform-w4g128", 3), ("additive-2x8", 1), ("additive-2x8", 3)]
+        ("uniform-w4g128", 1), ("uniform-w4g128", 3), ("additive-2x8", 1), ("additive-2x8", 3),
+        ("codebook-w4", 1), ("codebook-w4", 3)]
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["blas_fp32_ms"] > 0 and r["copy_gbps"] > 0
 

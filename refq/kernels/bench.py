@@ -24,6 +24,7 @@ FORMATS = {
     "uniform-w2g128": "RTN/GPTQ 2-bit, groups of 128",
     "uniform-w4g128": "RTN/GPTQ 4-bit, groups of 128",
     "codebook-w2": "CLAQ 2-bit per-column codebooks",
+    "codebook-w4": "CLAQ 4-bit per-column codebooks",
     "additive-2x8": "AQLM 2 codebooks x 8 bits, groups of 8",
 }
 
@@ -37,11 +38,12 @@ def build(fmt, rng, out, n):
         return UniformWeight.from_codes(rng.integers(0, 2 ** bits, (out, n), dtype=np.uint8),
                                         rng.random((out, G)) * 0.01,
                                         rng.integers(0, 2 ** bits, (out, G)), bits, g, False)
-    if fmt == "codebook-w2":
+    if fmt.startswith("codebook-w"):
         from refq.formats.codebook import CodebookWeight
-        cents = np.sort(rng.standard_normal((n, 4)), axis=1) * 0.02
-        return CodebookWeight.from_codes(rng.integers(0, 4, (out, n), dtype=np.uint8), list(cents),
-                                         np.full(n, 2, np.uint8))
+        bits = int(fmt[len("codebook-w")])
+        cents = np.sort(rng.standard_normal((n, 2 ** bits)), axis=1) * 0.02
+        return CodebookWeight.from_codes(rng.integers(0, 2 ** bits, (out, n), dtype=np.uint8),
+                                         list(cents), np.full(n, bits, np.uint8))
     if fmt == "additive-2x8":
         from refq.formats.additive import AdditiveWeight
         return AdditiveWeight.from_arrays(rng.integers(0, 256, (out, n // 8, 2), dtype=np.uint8),

@@ -36,7 +36,11 @@ uniform, uniform_sparse (RTN, GPTQ, QuantEase)
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
-    (widths ascending, columns ascending), then + CSR outliers. Large batches:
+    (widths ascending, columns ascending), then + CSR outliers. For the widths
+    1, 2, 4 and 8 the LUT is folded once per call into a table per BYTE of
+    codes, BT[t, i, v] = Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per
+    byte position), so a row costs one lookup per byte (4 codes at 2 bits)
+    instead of one per code; 3, 5, 6, 7 bits extract each code. Large batches:
     `codebook_rows` decodes tiles of rows for BLAS.
 
 additive (AQLM)
@@ -211,8 +215,15 @@ def _uniform_bytes(bits, h):
                     for gi in range(G):
                         b0 = gi * h
                         a = np.float32(0.0)
-                        if b0 + h <= nb:                  # full group: constant trip count
-                            for k in range(h):
+                        if b0 + h <= nb and cpb == 2:     # 4 bits: one plane at a time, each
+                            for p in range(cpb):          # its own vector chain (1.4x, measured)
+                                ap = np.float32(0.0)
+                                for k in range(h):
+                                    ap += np.float32((np.int32(row[b0 + k]) >> np.int32(bits * p)) & M) \
+                                        * xp[t, p, b0 + k]
+                                a += ap
+                        elif b0 + h <= nb:                # full group: constant trip count
+                            for k in range(h):            # (planes inner: 2x faster at 2 bits)
                                 c = np.int32(row[b0 + k])
                                 for p in range(cpb):
                                     a += np.float32((c >> np.int32(bits * p)) & M) * xp[t, p, b0 + k]
@@ -395,17 +406,15 @@ _LUT_KERNELS = {}        # bits -> compiled kernel
 
 
 def _codebook_lut(bits):
-    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width.
+    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width whose codes
+    are NOT byte-aligned (3, 5, 6, 7 bits): each code is extracted from the bitstream.
 
     qw (out, nbb) uint8 codes of the n_b columns of this width; lut (T, n_b, 2^b)
-    f32 = x[t, cols[k]] * C[k, v]. Widths 1/2/4/8 walk the bytes (cpb codes per
-    byte); others extract each code from the bitstream.
+    f32 = x[t, cols[k]] * C[k, v].
     """
     if bits in _LUT_KERNELS:
         return _LUT_KERNELS[bits]
-    K = 1 << bits
-    cpb = 8 // bits if 8 % bits == 0 else 0
-    mask = K - 1
+    mask = (1 << bits) - 1
 
     @njit(parallel=True, fastmath=_FM)
     def kernel(qw, lut, y):
@@ -417,21 +426,70 @@ def _codebook_lut(bits):
             for t in range(T):
                 L = lut[t]
                 a = np.float32(0.0)
-                if cpb > 0:
-                    nfull = nc // cpb
-                    for i in range(nfull):
-                        c = np.int32(row[i])
-                        for p in range(cpb):
-                            a += L[i * cpb + p, (c >> np.int32(bits * p)) & M]
-                    for k in range(nfull * cpb, nc):
-                        a += L[k, (np.int32(row[nfull]) >> np.int32(bits * (k - nfull * cpb))) & M]
-                else:
-                    for k in range(nc):
-                        a += L[k, _code_at(row, k, bits, M, nbb)]
+                for k in range(nc):
+                    a += L[k, _code_at(row, k, bits, M, nbb)]
                 y[t, r] += a
 
     _LUT_KERNELS[bits] = kernel
     return kernel
+
+
+_BYTE_TABLES = {}        # bits -> compiled table builder
+
+
+def _byte_tables(bits):
+    """tables(lut, bt): bt[t, i, v] = Σ_p lut[t, i*cpb + p, (v >> bits*p) & mask] for every
+    byte value v in 0..255: what byte i of a row adds to y when it holds v (cpb = 8 / bits
+    codes per byte, least significant first; positions past the last column add 0).
+
+    Built digit by digit: with the first p codes' table o[0 : K^p] done, the entries whose
+    digit p is c are o[c K^p + v] = o[v] + lut[., i*cpb + p, c] (c descending, so o[v] is
+    read before it is overwritten): ~1.3 adds per entry instead of cpb. The sum order is
+    p = 0, 1, ... for every entry.
+    """
+    if bits in _BYTE_TABLES:
+        return _BYTE_TABLES[bits]
+    cpb = 8 // bits
+    K = 1 << bits
+
+    @njit(fastmath=_FM)
+    def tables(lut, bt):
+        T, nc = lut.shape[0], lut.shape[1]
+        nbb = bt.shape[1]
+        zero = np.float32(0.0)
+        for t in range(T):
+            for i in range(nbb):
+                o = bt[t, i]
+                k = i * cpb
+                for v in range(K):
+                    o[v] = lut[t, k, v] if k < nc else zero
+                n = K
+                for p in range(1, cpb):
+                    k = i * cpb + p
+                    for c in range(K - 1, -1, -1):
+                        lc = lut[t, k, c] if k < nc else zero
+                        for v in range(n):
+                            o[c * n + v] = o[v] + lc
+                    n *= K
+
+    _BYTE_TABLES[bits] = tables
+    return tables
+
+
+@njit(parallel=True, fastmath=_FM)
+def _codebook_bytes(qw, bt, y):
+    """y (T, out) += Σ_i bt[t, i, qw[r, i]]: one table lookup per BYTE of codes (4 codes
+    at 2 bits, 2 at 4 bits) for the byte-aligned widths 1, 2, 4 and 8."""
+    out, nbb = qw.shape
+    T = bt.shape[0]
+    for r in prange(out):
+        row = qw[r]
+        for t in range(T):
+            L = bt[t]
+            a = np.float32(0.0)
+            for i in range(nbb):
+                a += L[i, row[i]]
+            y[t, r] += a
 
 
 def _codebook_state(q):
@@ -454,7 +512,13 @@ def codebook_cpu(q, x2):
     y = np.zeros((T, q.shape[0]), np.float32)
     for b, qw, cols, C in st["widths"]:
         lut = np.ascontiguousarray(x2[:, cols][:, :, None] * C[None])     # (T, n_b, 2^b)
-        _run(_codebook_lut(b), T * qw.shape[0] * cols.size, qw, lut, y)
+        work = T * qw.shape[0] * cols.size
+        if 8 % b == 0:                       # byte-aligned codes: one lookup per byte
+            bt = np.empty((T, qw.shape[1], 256), np.float32)
+            _byte_tables(b)(lut, bt)
+            _run(_codebook_bytes, work, qw, bt, y)
+        else:
+            _run(_codebook_lut(b), work, qw, lut, y)
     return add_outliers(y, x2, st["csr"])
 
 
