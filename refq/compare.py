@@ -40,7 +40,8 @@ from refq.errors import RefqError
 
 # "Standard settings": ~3 bits for the quantizers (4 for SLiM, whose paper
 # setting is 4-bit + 2:4), the methods' own defaults otherwise. AQLM is left out
-# of the default list because it takes hours on a 2-core machine; name it to run it.
+# of the default list because it takes ~37 min on SmolLM2 with 2 cores (the others
+# 3-5 min each); name it to run it.
 DEFAULT_SPECS = [
     "rtn:bits=3,group_size=128",
     "gptq:bits=3,group_size=128,act_order=true",
@@ -321,7 +322,7 @@ def add_commands(sub):
     s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
     s.add_argument("--methods", nargs="+", metavar="SPEC", default=None,
                    help="METHOD[:option=value,...] each (default: "
-                   + " ".join(DEFAULT_SPECS) + "; aqlm only when named: hours on 2 cores)")
+                   + " ".join(DEFAULT_SPECS) + "; aqlm only when named: ~37 min on SmolLM2 with 2 cores)")
     s.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (default: data/calib.txt)")
     s.add_argument("--text", nargs="+", default=[DEFAULT_EVAL],
                    help="texts to measure perplexity on (default: data/eval.txt)")
