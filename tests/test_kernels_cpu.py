@@ -208,7 +208,9 @@ THREADS_SCRIPT = r"""
 import sys, numpy as np
 sys.path.insert(0, {repo!r})
 import numba
+import refq.kernels.cpu as kc
 from test_kernels_cpu import CASES
+kc.PAR_MIN_WORK = 0          # the parallel kernels even for these small products
 out = []
 for name, build in CASES:
     q = build(np.random.default_rng(0))
@@ -233,6 +235,27 @@ def test_bit_identical_with_1_and_2_threads(tmp_path):
         assert p.stdout.strip() == str(nt)
         res.append(np.load(tmp_path / f"y{nt}.npy"))
     assert res[0].tobytes() == res[1].tobytes()
+
+
+def test_additive_lut_kernel_does_not_depend_on_the_row_blocks():
+    """additive_cpu gives each thread one block of rows; the per-row sum order is fixed,
+    so any split (1 row, 7 rows, all rows per block) must give the same bits."""
+    import refq.kernels.cpu as kc
+    rng = np.random.default_rng(5)
+    q = additive(rng, 45, 64, 2, 8, 8)
+    st = kc._additive_state(q)
+    M, K, g = st["C"].shape
+    T, Kg = 3, 64 // 8
+    x = rng.standard_normal((T, 64)).astype(np.float32)
+    lut = np.ascontiguousarray((x.reshape(T * Kg, g) @ st["C"].reshape(M * K, g).T)
+                               .reshape(T, Kg, M, K), dtype=np.float32)
+    ys = []
+    for rows in (1, 7, 45, 1000):
+        y = np.full((T, 45), np.nan, np.float32)
+        kc._additive_lut(M)(st["codes"], lut, st["s"], y, rows)
+        ys.append(y)
+    assert all(y.tobytes() == ys[0].tobytes() for y in ys)
+    assert rel(ys[0], x @ q.dequantize().T) <= TOL
 
 
 def test_row_lut_and_spqr():

@@ -56,6 +56,7 @@ row_lut (SqueezeLLM: one table per output row)
 CSR outliers (refq.formats.outliers): y[t, r] += Σ_e S_val[e] x[t, S_col[e]]
     over row r's entries, ascending, after the dense part.
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -547,12 +548,12 @@ def codebook_rows(q, r0, r1):
 
 
 # =========================================================================== additive (AQLM)
-ADDITIVE_ROWS = 1024    # rows per prange item of the LUT kernel
+ADDITIVE_MIN_ROWS = 256  # rows per prange item of the LUT kernel: at least this many
 _ADDITIVE_KERNELS = {}  # M -> compiled kernel
 
 
 def _additive_lut(M):
-    """kernel(codes_gm, lut, s, y): y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]].
+    """kernel(codes_gm, lut, s, y, rows): y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]].
 
     lut (T, Kg, M, 2^B). codes_gm is the codes in group-major order (Kg, out, M),
     made once per weight: for one group k the M tables lut[t, k] (M KiB at
@@ -561,19 +562,22 @@ def _additive_lut(M):
     table, 1 MiB at 4096 inputs, once per row.) M is a compile-time constant
     (one kernel per M: the m loop unrolls, measured 2-3x faster than a runtime
     M). Each row's sum runs over k, then m, in order, by the one thread owning
-    its block of rows.
+    its block of `rows` rows; so the result does not depend on `rows`, and the
+    caller gives each thread one block (out / threads rows): the fewer the
+    blocks, the fewer passes over the table (one block of 4096 rows measured
+    1.27x faster than four of 1024, bit-identical).
     """
     if M in _ADDITIVE_KERNELS:
         return _ADDITIVE_KERNELS[M]
 
     @njit(parallel=True, fastmath=_FM)
-    def kernel(codes_gm, lut, s, y):
+    def kernel(codes_gm, lut, s, y, rows):
         Kg, out, _ = codes_gm.shape
         T = lut.shape[0]
-        nblk = (out + ADDITIVE_ROWS - 1) // ADDITIVE_ROWS
+        nblk = (out + rows - 1) // rows
         for blk in prange(nblk):
-            r0 = blk * ADDITIVE_ROWS
-            r1 = min(out, r0 + ADDITIVE_ROWS)
+            r0 = blk * rows
+            r1 = min(out, r0 + rows)
             acc = np.empty(r1 - r0, np.float32)
             for t in range(T):
                 acc[:] = 0.0
@@ -639,8 +643,11 @@ def additive_cpu(q, x2):
     if st["lut"]:
         # LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call
         lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
-        _run(_additive_lut(M), T * out * n, st["codes"], np.ascontiguousarray(lut, dtype=np.float32),
-             st["s"], y)
+        work = T * out * n
+        # one block of rows per thread (a serial product: one block); any split gives the same y
+        rows = out if work < PAR_MIN_WORK else max(ADDITIVE_MIN_ROWS, -(-out // numba.get_num_threads()))
+        _run(_additive_lut(M), work, st["codes"], np.ascontiguousarray(lut, dtype=np.float32),
+             st["s"], y, rows)
     else:
         _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
     return y
