@@ -237,6 +237,20 @@ def test_bit_identical_with_1_and_2_threads(tmp_path):
     assert res[0].tobytes() == res[1].tobytes()
 
 
+@pytest.mark.parametrize("min_out", [0, 10 ** 9])
+def test_codebook_byte_tables_and_per_code_lut(monkeypatch, min_out):
+    """Both codebook paths at 4 and 8 bits (byte tables for every layer, or for none),
+    and the 1/2-bit byte tables, against dequantize()."""
+    import refq.kernels.cpu as kc
+    monkeypatch.setattr(kc, "BYTE_TABLE_MIN_OUT", {4: min_out, 8: min_out})
+    rng = np.random.default_rng(11)
+    q = codebook(rng, 29, 61, widths=(1, 2, 4, 8))
+    W = q.dequantize()
+    for T in (1, 3):
+        x = rng.standard_normal((T, 61)).astype(np.float32)
+        assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL
+
+
 def test_additive_lut_kernel_does_not_depend_on_the_row_blocks():
     """additive_cpu gives each thread one block of rows; the per-row sum order is fixed,
     so any split (1 row, 7 rows, all rows per block) must give the same bits."""

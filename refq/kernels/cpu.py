@@ -36,12 +36,14 @@ uniform, uniform_sparse (RTN, GPTQ, QuantEase)
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
-    (widths ascending, columns ascending), then + CSR outliers. For the widths
-    1, 2, 4 and 8 the LUT is folded once per call into a table per BYTE of
-    codes, BT[t, i, v] = Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per
-    byte position), so a row costs one lookup per byte (4 codes at 2 bits)
-    instead of one per code; 3, 5, 6, 7 bits extract each code. Large batches:
-    `codebook_rows` decodes tiles of rows for BLAS.
+    (widths ascending, columns ascending), then + CSR outliers. For 1 and 2
+    bits (and 4 bits on layers of >= 2048 rows, BYTE_TABLE_MIN_OUT) the LUT is
+    folded once per call into a table per BYTE of codes, BT[t, i, v] =
+    Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per byte position), so a
+    row costs one lookup per byte (4 codes at 2 bits) instead of one per code;
+    otherwise one lookup per code (bytes walked at 4 and 8 bits, each code
+    extracted at 3, 5, 6, 7). Large batches: `codebook_rows` decodes tiles of
+    rows for BLAS.
 
 additive (AQLM)
     LUT[t, k, m, j] = x[t, k-th group] · C_m[j]  (a small GEMM per token);
@@ -407,15 +409,18 @@ _LUT_KERNELS = {}        # bits -> compiled kernel
 
 
 def _codebook_lut(bits):
-    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width whose codes
-    are NOT byte-aligned (3, 5, 6, 7 bits): each code is extracted from the bitstream.
+    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width, one
+    lookup per code.
 
     qw (out, nbb) uint8 codes of the n_b columns of this width; lut (T, n_b, 2^b)
-    f32 = x[t, cols[k]] * C[k, v].
+    f32 = x[t, cols[k]] * C[k, v]. Widths 1/2/4/8 walk the bytes (cpb codes per
+    byte); others extract each code from the bitstream.
     """
     if bits in _LUT_KERNELS:
         return _LUT_KERNELS[bits]
-    mask = (1 << bits) - 1
+    K = 1 << bits
+    cpb = 8 // bits if 8 % bits == 0 else 0
+    mask = K - 1
 
     @njit(parallel=True, fastmath=_FM)
     def kernel(qw, lut, y):
@@ -427,8 +432,17 @@ def _codebook_lut(bits):
             for t in range(T):
                 L = lut[t]
                 a = np.float32(0.0)
-                for k in range(nc):
-                    a += L[k, _code_at(row, k, bits, M, nbb)]
+                if cpb > 0:
+                    nfull = nc // cpb
+                    for i in range(nfull):
+                        c = np.int32(row[i])
+                        for p in range(cpb):
+                            a += L[i * cpb + p, (c >> np.int32(bits * p)) & M]
+                    for k in range(nfull * cpb, nc):
+                        a += L[k, (np.int32(row[nfull]) >> np.int32(bits * (k - nfull * cpb))) & M]
+                else:
+                    for k in range(nc):
+                        a += L[k, _code_at(row, k, bits, M, nbb)]
                 y[t, r] += a
 
     _LUT_KERNELS[bits] = kernel
@@ -506,6 +520,13 @@ def _codebook_state(q):
     return _cached(q, key, build)
 
 
+# The byte tables pay off at 1 and 2 bits on every shape measured; at 4 bits a table
+# of in/2 x 256 entries (288 KiB for 576 inputs) is slower to look up than the per-code
+# LUT (36 KiB) on SmolLM2's layers (out 576 and 1536: 0.7-0.85x), and faster on
+# 4096x4096 (1.3-1.6x); at 8 bits the two are the same table.
+BYTE_TABLE_MIN_OUT = {4: 2048, 8: 0}
+
+
 @register("cpu", "codebook")
 def codebook_cpu(q, x2):
     st = _codebook_state(q)
@@ -514,7 +535,7 @@ def codebook_cpu(q, x2):
     for b, qw, cols, C in st["widths"]:
         lut = np.ascontiguousarray(x2[:, cols][:, :, None] * C[None])     # (T, n_b, 2^b)
         work = T * qw.shape[0] * cols.size
-        if 8 % b == 0:                       # byte-aligned codes: one lookup per byte
+        if 8 % b == 0 and (b <= 2 or qw.shape[0] >= BYTE_TABLE_MIN_OUT[b]):
             bt = np.empty((T, qw.shape[1], 256), np.float32)
             _byte_tables(b)(lut, bt)
             _run(_codebook_bytes, work, qw, bt, y)
