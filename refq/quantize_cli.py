@@ -111,7 +111,8 @@ def _given_options(args):
 
 
 def _check_options(method, opts):
-    """Each given option: known to the method and valid, else an error naming its flag."""
+    """Each given option: known to the method and valid, else an error naming its flag.
+    -> every option of the method (defaults filled in, validated)."""
     from refq.api import option_error, validate_options
     from refq.methods import METHODS
     known = METHODS[method].defaults
@@ -123,7 +124,7 @@ def _check_options(method, opts):
         msg = option_error(method, k, v)
         if msg:
             raise RefqError(f"{flag} {v}: {msg}")
-    validate_options(method, opts, prefix=f"--method {method}: ")
+    return validate_options(method, opts, prefix=f"--method {method}: ")
 
 
 def _check_finite(model, folder):
@@ -144,15 +145,14 @@ def _check_finite(model, folder):
                             f"{finite.size - np.count_nonzero(finite)} NaN/Inf values")
 
 
-def _check_shapes(model, method, opts):
+def _check_shapes(model, method, full):
     """Refuse, before calibrating, a layer the method cannot take with these options (e.g.
-    AQLM 1x16 on a layer with fewer than 65,536 groups), naming the tensor and the flag."""
-    from refq.api import validate_options
+    AQLM 1x16 on a layer with fewer than 65,536 groups), naming the tensor and the flag.
+    full: every option of the method, as _check_options returns them."""
     from refq.methods import METHODS
     check = METHODS[method].check_shape
     if check is None:
         return
-    full = validate_options(method, opts)
     for i, layer in enumerate(model.layers):
         for n, lin in layer.linears.items():
             check(lin.weight.shape, full, f"model.layers.{i}.{n}")
@@ -188,7 +188,7 @@ def cmd_quantize(args):
         opts.setdefault("seed", args.seed)
     check_out_dir(args.out, args.force)
     # Validate every option now rather than after calibration, naming the flag at fault.
-    _check_options(args.method, opts)
+    full_opts = _check_options(args.method, opts)
 
     folder = resolve_model(args.model)
     if is_packed(folder):
@@ -196,7 +196,7 @@ def cmd_quantize(args):
     t_start = time.perf_counter()
     model, tok = load_model(folder), Tokenizer(folder)
     _check_finite(model, folder)
-    _check_shapes(model, args.method, opts)
+    _check_shapes(model, args.method, full_opts)
     calib_text = read_text(args.calib, "--calib")
     windows = calibration_windows(tok.encode(calib_text), args.nsamples, args.seqlen, args.seed)
     eval_ids = None

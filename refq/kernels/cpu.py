@@ -648,6 +648,16 @@ def _additive_state(q):
     return _cached(q, (q.codes, q.codebooks, q.scales), build)
 
 
+def additive_table(x2, C):
+    """LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call.
+    x2 (T, in) f32, C (M, 2^B, g) f32 -> (T, in/g, M, 2^B) f32, contiguous."""
+    T = x2.shape[0]
+    M, K, g = C.shape
+    Kg = x2.shape[1] // g
+    lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
+    return np.ascontiguousarray(lut, dtype=np.float32)
+
+
 # LUT entries per token above which the direct kernel is used instead
 ADDITIVE_LUT_MAX = 1 << 22
 
@@ -658,17 +668,14 @@ def additive_cpu(q, x2):
     out, n = q.shape
     T = x2.shape[0]
     C = st["C"]
-    M, K, g = C.shape
-    Kg = n // g
+    M = C.shape[0]
     y = np.empty((T, out), np.float32)
     if st["lut"]:
-        # LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call
-        lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
+        lut = additive_table(x2, C)
         work = T * out * n
         # one block of rows per thread (a serial product: one block); any split gives the same y
         rows = out if work < PAR_MIN_WORK else max(ADDITIVE_MIN_ROWS, -(-out // numba.get_num_threads()))
-        _run(_additive_lut(M), work, st["codes"], np.ascontiguousarray(lut, dtype=np.float32),
-             st["s"], y, rows)
+        _run(_additive_lut(M), work, st["codes"], lut, st["s"], y, rows)
     else:
         _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
     return y
