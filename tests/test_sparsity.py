@@ -235,6 +235,25 @@ def test_cli_unknown_sparsity_pattern(tmp_path, capsys):
     assert_one_line_error(rc, out, err, "--sparsity 4:8")
 
 
+def test_cli_2_4_shape_error_before_calibration(tiny_ckpt, tmp_path, capsys):
+    """down_proj of this model has 42 inputs: 2:4 is refused in one line before any
+    calibration (Method.check_shape), naming the layer; 50% unstructured is accepted."""
+    from conftest import tiny_text
+    from refq.cli import main
+    folder, _ = tiny_ckpt(layers=1, hidden=32, ff=42)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny_text(np.random.default_rng(0).integers(2, 64, 400)) + "\n")
+    base = ["quantize", "--model", folder, "--method", "wanda", "--calib", str(calib),
+            "--nsamples", "2", "--seqlen", "16"]
+    capsys.readouterr()
+    rc = main(base + ["--out", str(tmp_path / "a")])                  # default sparsity 2:4
+    out, err = capsys.readouterr()
+    assert_one_line_error(rc, out, err, "down_proj", "in_features divisible by 4", "42")
+    assert "wanda:" not in err and not (tmp_path / "a").exists()
+    rc = main(base + ["--sparsity", "0.5", "--out", str(tmp_path / "b")])
+    assert rc == 0 and (tmp_path / "b").is_dir()
+
+
 # --------------------------------------------------------------------------- real layers
 @pytest.fixture(scope="module")
 def real_layer0(smollm2_path):
