@@ -26,12 +26,22 @@ QUANT_METHOD = "refq"
 _COPY = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
-def check_out_dir(out, force):
-    """Refuse an existing non-empty --out folder unless --force (before any work)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise RefqError(f"--out {out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise RefqError(f"--out {out}: folder exists and is not empty (use --force to replace it)")
+def is_refq_checkpoint(folder):
+    """The marker of a folder refq wrote: config.json whose quantization_config has
+    quant_method "refq" (only such a folder may be replaced by --force)."""
+    from refq.loading import is_packed
+    return is_packed(folder)
+
+
+def check_out_dir(out, force, inputs=(), log=None):
+    """Refuse, before any work, an --out refq must not write (refq/outdir.py's rules):
+    an existing non-empty folder without --force, one that is not a refq checkpoint
+    even with --force, the current/home/root folder, one holding an input, or a
+    location that cannot be created and written."""
+    from refq.outdir import check_output
+    check_output(out, force, is_refq_checkpoint,
+                 "no config.json with quantization_config.quant_method 'refq'",
+                 inputs=inputs, log=log)
 
 
 def save_packed(out, src_folder, model, quantized, quantization_config, force=False):
@@ -74,9 +84,9 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
     qc.update(quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, layers=layers_meta)
     cfg["quantization_config"] = qc
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.tmp-{os.getpid()}")
+    from refq.outdir import commit, tmp_path
+    tmp = tmp_path(out)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
@@ -90,9 +100,7 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
             p = os.path.join(src_folder, name)
             if os.path.isfile(p):
                 shutil.copyfile(p, os.path.join(tmp, name))
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # only reached when empty or --force (checked above)
-        os.rename(tmp, out)
+        commit(tmp, out)   # the old folder is only replaced when empty or --force (checked above)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

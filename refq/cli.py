@@ -168,17 +168,24 @@ def build_parser():
 
 
 def main(argv=None):
+    from refq.errors import Terminated, raise_on_sigterm
     args = build_parser().parse_args(argv)
+    restore = raise_on_sigterm()      # SIGTERM cleans up like Ctrl-C (refq/outdir.py)
     try:
         return args.func(args)
     except RefqError as e:
         print(f"refq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"refq {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"refq {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 1
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

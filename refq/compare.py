@@ -130,9 +130,14 @@ def _run_child(args):
     """
     p = subprocess.Popen([sys.executable, "-m", "refq.cli"] + args,
                          stdout=subprocess.PIPE, text=True)
-    out = p.stdout.read()
-    p.stdout.close()
-    _, status, usage = os.wait4(p.pid, 0)
+    try:
+        out = p.stdout.read()
+        p.stdout.close()
+        _, status, usage = os.wait4(p.pid, 0)
+    except BaseException:   # Ctrl-C / SIGTERM: the child cleans up its output, then we go
+        p.terminate()
+        p.wait()
+        raise
     p.returncode = os.waitstatus_to_exitcode(status)
     return p.returncode, out, usage.ru_maxrss / 1024
 
@@ -379,8 +384,9 @@ def cmd_compare(args):
         n = len(tok.encode(text)[:args.eval_max_tokens])
         if n < 2:
             raise RefqError(f"--text {t}: has {n} token(s); perplexity needs at least 2")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise RefqError(f"--out {args.out}: exists and is not a folder")
+    from refq.outdir import check_output      # not /, ~, ., an input; creatable
+    check_output(args.out, args.force, None, None, reuse=True, log=_log,
+                 inputs=[model, args.calib] + list(args.text))
 
     settings = {"model": os.path.abspath(model), "model_name": os.path.basename(os.path.normpath(model)),
                 "calib": os.path.abspath(args.calib), "calib_sha256": _sha256_file(args.calib),
@@ -389,8 +395,13 @@ def cmd_compare(args):
     os.makedirs(args.out, exist_ok=True)
     todo = ([] if args.no_baseline else [(BASELINE, BASELINE, {})]) + parsed
     if args.force:
-        for s, _, _ in todo:
-            shutil.rmtree(os.path.join(args.out, spec_dir(s)), ignore_errors=True)
+        spec_dirs = [os.path.join(args.out, spec_dir(s)) for s, _, _ in todo]
+        for d in spec_dirs:     # all checked before any is removed
+            if os.path.isdir(d) and not set(os.listdir(d)) <= {RESULT, "checkpoint"}:
+                raise RefqError(f"--out {args.out}: {d} holds files refq compare did not "
+                                f"write; not replacing it, even with --force")
+        for d in spec_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     rows = []
     for spec, method, opts in todo:
         r = run_spec(spec, method, opts, settings, texts, args.out)

@@ -35,7 +35,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 
 import numpy as np
 
@@ -327,6 +326,9 @@ def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, 
 
     if os.path.exists(out_dir) and not force:
         raise RefqError(f"{out_dir}: already exists (use --force to replace it)")
+    from refq.outdir import check_output, commit, tmp_path    # before any work
+    check_output(out_dir, force, lambda d: os.path.isfile(os.path.join(d, "manifest.json")),
+                 "no manifest.json", inputs=[model_path], option="golden write", log=log)
     if real and model_path is None:
         from refq.fetch import default_model_path
         p = default_model_path()
@@ -342,9 +344,8 @@ def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, 
     if need_real:
         inputs[REAL_INPUT], descs[REAL_INPUT] = make_real(model_path)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".golden-", dir=parent)
+    tmp = tmp_path(out_dir)
+    os.makedirs(tmp)
     try:
         os.makedirs(os.path.join(tmp, "inputs"))
         os.makedirs(os.path.join(tmp, "cases"))
@@ -404,11 +405,7 @@ def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, 
         }
         with open(os.path.join(tmp, "manifest.json"), "wb") as f:
             f.write(dump_json(manifest))
-        if os.path.exists(out_dir):
-            if not os.path.isfile(os.path.join(out_dir, "manifest.json")) and os.listdir(out_dir):
-                raise RefqError(f"{out_dir}: exists and is not a golden suite; not replacing it")
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        commit(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -186,7 +186,11 @@ def cmd_quantize(args):
     opts = _given_options(args)
     if "seed" in METHODS[args.method].defaults:
         opts.setdefault("seed", args.seed)
-    check_out_dir(args.out, args.force)
+    # The output location first, before anything is computed (refq/outdir.py).
+    from refq.fetch import default_model_path
+    check_out_dir(args.out, args.force, log=_log,
+                  inputs=[args.model or default_model_path(), args.calib]
+                  + ([args.eval_text] if args.eval else []))
     # Validate every option now rather than after calibration, naming the flag at fault.
     full_opts = _check_options(args.method, opts)
 

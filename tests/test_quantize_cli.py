@@ -422,10 +422,16 @@ def test_out_exists_needs_force(tiny, capsys):
             "--nsamples", "4", "--seqlen", "16", "--out", out]
     assert_one_line_error(*cli(capsys, *base), "--out", out, "--force")
     assert os.listdir(out) == ["keep.txt"]
-    rc, _, err = cli(capsys, *base, "--force")
+    # --force replaces only a folder refq wrote (issue 15): not the user's keep.txt
+    assert_one_line_error(*cli(capsys, *base, "--force"), "--out", out, "not a folder refq wrote")
+    assert os.listdir(out) == ["keep.txt"]
+    os.remove(os.path.join(out, "keep.txt"))
+    rc, _, err = cli(capsys, *base)
+    assert rc == 0, err
+    rc, _, err = cli(capsys, *base, "--force")       # a refq checkpoint: replaced
     assert rc == 0, err
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert not [f for f in os.listdir(tiny["base"]) if ".tmp-" in f]
+    assert not [f for f in os.listdir(tiny["base"]) if ".tmp-" in f or ".old-" in f]
 
 
 def test_out_empty_folder_is_fine(tiny, capsys):
@@ -578,6 +584,8 @@ def test_crash_while_saving_keeps_old_output(tiny, capsys, monkeypatch, exc):
     os.makedirs(out)
     with open(os.path.join(out, "keep.txt"), "w") as f:
         f.write("previous")
+    with open(os.path.join(out, "config.json"), "w") as f:   # refq's marker: --force may replace it
+        json.dump({"quantization_config": {"quant_method": "refq"}}, f)
     seen = {}
 
     def broken_copy(src, dst, *a, **kw):
@@ -596,7 +604,7 @@ def test_crash_while_saving_keeps_old_output(tiny, capsys, monkeypatch, exc):
             cli(capsys, *args)
     assert seen["files"] == ["config.json", "model.safetensors"]   # it did get that far
     assert not os.path.exists(seen["tmp"])
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == ["config.json", "keep.txt"]
     assert not [f for f in os.listdir(tiny["base"]) if ".tmp-" in f]
 
 
