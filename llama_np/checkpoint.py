@@ -39,6 +39,30 @@ def _bf16_to_f32(a):
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(path, name, info):
+    """One header entry {"dtype": str, "shape": [int >= 0, ...], "data_offsets":
+    [begin, end] ints, 0 <= begin <= end}: anything else is a one-line error."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise RefqError(f"{where}: header entry is not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise RefqError(f"{where}: header entry has no {key!r}")
+    dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dt, str) or dt not in _DTYPES:
+        raise RefqError(f"{where} has unsupported dtype {dt!r}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise RefqError(f"{where}: shape {shape!r} is not a list of integers >= 0")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+            and 0 <= offs[0] <= offs[1]):
+        raise RefqError(f"{where}: data_offsets {offs!r} is not [begin, end] with "
+                        "0 <= begin <= end")
+
+
 class SafetensorsFile:
     """One .safetensors file: its header parsed, its data memory-mapped."""
 
@@ -62,16 +86,14 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise RefqError(f"{path}: corrupt safetensors header (not a JSON object)")
         self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise RefqError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
         self.data_start = 8 + n
         self.data_size = size - self.data_start
         self.header = header
         for name, info in header.items():
-            try:
-                dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise RefqError(f"{path}: corrupt header entry for tensor {name!r}") from None
-            if dt not in _DTYPES:
-                raise RefqError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+            _check_entry(path, name, info)
+            dt, shape, (b, e) = info["dtype"], info["shape"], info["data_offsets"]
             want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize
             if e - b != want or e > self.data_size or b < 0:
                 raise RefqError(f"{path}: tensor {name!r} (shape {shape}, {dt}) has "
@@ -114,7 +136,13 @@ class Checkpoint:
             except (OSError, ValueError, KeyError, TypeError):
                 raise RefqError(f"{index}: not a valid safetensors index "
                                 "(expected JSON with a 'weight_map' object)") from None
+            if not isinstance(weight_map, dict):
+                raise RefqError(f"{index}: 'weight_map' is not an object")
             for name, fname in weight_map.items():
+                if (not isinstance(fname, str) or os.path.basename(fname) != fname
+                        or fname in ("", ".", "..")):
+                    raise RefqError(f"{index}: weight_map[{name!r}] is {fname!r}, "
+                                    "not the name of a file in the folder")
                 self._where[name] = os.path.join(folder, fname)
             for path in set(self._where.values()):
                 if not os.path.isfile(path):

@@ -7,7 +7,7 @@ from refq.errors import RefqError
 class Tokenizer:
     def __init__(self, folder):
         from tokenizers import Tokenizer as _HF
-        path = os.path.join(folder, "tokenizer.json")
+        path = self.path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise RefqError(f"{path}: no such file (the model folder needs a tokenizer.json)")
         try:
@@ -26,3 +26,12 @@ class Tokenizer:
 
     def token_id(self, token):
         return self._tok.token_to_id(token)
+
+    def check_ids(self, ids, vocab_size, what):
+        """Refuse token ids the model has no embedding row for (a tokenizer.json that
+        does not match config.json's vocab_size), naming `what` was encoded."""
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise RefqError(f"{what}: token id {max(bad)} from {self.path} is beyond the "
+                            f"model's vocab_size {vocab_size} (tokenizer and model do not match)")
+        return ids

@@ -13,6 +13,7 @@ A packed checkpoint is a Hugging Face-like folder (FORMAT.md has the details):
 
 The folder is written under a temporary name and renamed when complete.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -81,7 +82,8 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
     with open(os.path.join(src_folder, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     qc = dict(quantization_config)
-    qc.update(quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, layers=layers_meta)
+    qc.update(quant_method=QUANT_METHOD, format_version=FORMAT_VERSION, layers=layers_meta,
+              sha256={k: tensor_sha256(tensors[k]) for k in sorted(tensors)})
     cfg["quantization_config"] = qc
 
     from refq.outdir import commit, tmp_path
@@ -107,6 +109,28 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
     return out
 
 
+def tensor_sha256(a):
+    """sha256 (hex) of a tensor's bytes as stored in model.safetensors (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def verify_sha256(ckpt, qc, path):
+    """Every tensor of the checkpoint has the sha256 recorded in quantization_config
+    (flipped bits, a truncated copy, a tensor added or removed: an error naming it)."""
+    want = qc["sha256"]
+    have = set(ckpt.names())
+    for name in sorted(have - set(want)):
+        raise RefqError(f"{ckpt.folder}: tensor {name!r} is not listed in "
+                        f"quantization_config.sha256 of {path}")
+    for name, h in want.items():
+        if name not in have:
+            raise RefqError(f"{ckpt.folder}: tensor {name!r} listed in "
+                            "quantization_config.sha256 is missing")
+        if tensor_sha256(ckpt.raw(name)) != h:
+            raise RefqError(f"{ckpt.folder}: tensor {name!r} does not match its sha256 in "
+                            "quantization_config (corrupt or modified file)")
+
+
 def read_quantization_config(folder):
     path = os.path.join(folder, "config.json")
     try:
@@ -123,6 +147,21 @@ def read_quantization_config(folder):
                         f"(this refq reads version {FORMAT_VERSION})")
     if not isinstance(qc.get("layers"), dict):
         raise RefqError(f"{path}: quantization_config.layers missing or not an object")
+    from refq.methods import METHODS
+    m = qc.get("method")
+    if not isinstance(m, str) or m not in METHODS:
+        raise RefqError(f"{path}: quantization_config.method {m!r} is not a refq method "
+                        f"(known: {', '.join(METHODS)})")
+    if not isinstance(qc.get("options", {}), dict):
+        raise RefqError(f"{path}: quantization_config.options is not an object")
+    for name, meta in qc["layers"].items():
+        if not isinstance(meta, dict):
+            raise RefqError(f"{path}: quantization_config.layers[{name!r}] is not an object")
+    sums = qc.get("sha256")       # absent in checkpoints written before it existed
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in sums.items())):
+        raise RefqError(f"{path}: quantization_config.sha256 is not an object of "
+                        "tensor name -> 64 hex digits")
     return cfg, qc
 
 
@@ -143,12 +182,17 @@ def load_quantized_linear(ckpt, name, meta):
     return q
 
 
-def load_packed(folder):
-    """(LlamaConfig, Checkpoint, quantization_config, {name: QuantizedWeight})."""
+def load_packed(folder, verify=True):
+    """(LlamaConfig, Checkpoint, quantization_config, {name: QuantizedWeight}).
+
+    verify: check every tensor against quantization_config.sha256 (when the
+    checkpoint records it); --no-verify skips it (BENCHMARKS.md has its cost)."""
     from llama_np import Checkpoint, LlamaConfig
     _, qc = read_quantization_config(folder)
     cfg = LlamaConfig.load(folder)
     ckpt = Checkpoint(folder)
+    if verify and "sha256" in qc:
+        verify_sha256(ckpt, qc, os.path.join(folder, "config.json"))
     qws = {n: load_quantized_linear(ckpt, n, m) for n, m in qc["layers"].items()}
     from llama_np.model import LINEAR_NAMES
     for i in range(cfg.num_hidden_layers):     # every linear: quantized or stored dense
@@ -160,7 +204,7 @@ def load_packed(folder):
     return cfg, ckpt, qc, qws
 
 
-def load_packed_model(folder, kernel="cpu"):
+def load_packed_model(folder, kernel="cpu", verify=True):
     """A Llama whose quantized linears are QuantizedWeight objects (.matmul).
 
     kernel: "cpu" | "gpu" | "dequant", the refq.kernels backend their matmul
@@ -170,7 +214,7 @@ def load_packed_model(folder, kernel="cpu"):
     from llama_np import Linear, Llama
     from refq.kernels import check_kernel
     check_kernel(kernel)
-    cfg, ckpt, qc, qws = load_packed(folder)
+    cfg, ckpt, qc, qws = load_packed(folder, verify)
     for q in qws.values():
         q.kernel = kernel
 

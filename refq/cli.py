@@ -14,6 +14,7 @@ object alone goes to stdout. Exit codes: 0 ok, 1 failure, 2 bad usage or input.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +50,20 @@ def read_text(path, option="--text"):
         raise RefqError(f"{option} {path}: cannot read ({e.strerror})") from None
 
 
+def check_seed(seed, flag="--seed"):
+    """numpy's generators take seeds 0 <= seed < 2**128 (refq's convention: < 2**63)."""
+    if not 0 <= seed < 2 ** 63:
+        raise RefqError(f"{flag} {seed}: must be an integer in [0, 2**63)")
+
+
+def check_positions(n, cfg, what):
+    """A window of n tokens must fit the model's positions (config.json
+    max_position_embeddings): RoPE beyond it is extrapolation the model never saw."""
+    if n > cfg.max_position_embeddings:
+        raise RefqError(f"{what}: {n} positions exceed the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings} (config.json)")
+
+
 # --------------------------------------------------------------------------- fetch
 def cmd_fetch(args):
     from refq.fetch import ensure_default_model
@@ -66,12 +81,14 @@ def cmd_eval(args):
         raise RefqError(f"--ctx {args.ctx}: must be at least 2")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise RefqError(f"--max-tokens {args.max_tokens}: must be at least 2")
-    model, tok, path = load_for_inference(args.model, kernel=args.kernel)
-    ids = tok.encode(read_text(args.text))
+    text = read_text(args.text)
+    model, tok, path = load_for_inference(args.model, kernel=args.kernel, verify=args.verify)
+    ids = tok.check_ids(tok.encode(text), model.cfg.vocab_size, f"--text {args.text}")
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]
     if len(ids) < 2:
         raise RefqError(f"--text {args.text}: has {len(ids)} token(s); perplexity needs at least 2")
+    check_positions(min(args.ctx, len(ids)), model.cfg, f"--ctx {args.ctx}")
     t0 = time.perf_counter()
     with tqdm(total=len(ids), desc="eval", unit="tok", file=sys.stderr,
               disable=args.json and not sys.stderr.isatty()) as bar:
@@ -91,14 +108,19 @@ def cmd_generate(args):
     from refq.loading import load_for_inference
     if args.max_new_tokens < 1:
         raise RefqError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0:
-        raise RefqError(f"--temperature {args.temperature}: must be >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise RefqError(f"--temperature {args.temperature}: must be a finite number >= 0")
     if not 0 < args.top_p <= 1:
         raise RefqError(f"--top-p {args.top_p}: must be in (0, 1]")
-    model, tok, _ = load_for_inference(args.model, kernel=args.kernel)
-    prompt = tok.encode(args.prompt)
+    check_seed(args.seed)
+    model, tok, _ = load_for_inference(args.model, kernel=args.kernel, verify=args.verify)
+    prompt = tok.check_ids(tok.encode(args.prompt), model.cfg.vocab_size, "--prompt")
     if not prompt:
         raise RefqError("--prompt: encodes to no tokens")
+    limit = model.cfg.max_position_embeddings
+    check_positions(len(prompt), model.cfg, f"--prompt ({len(prompt)} tokens)")
+    # the last new token is sampled, never fed back: prompt + n_new - 1 positions
+    n_new = min(args.max_new_tokens, limit - len(prompt) + 1)   # stop at the model's limit
     eos = model.cfg.eos_token_id
     stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     sys.stdout.write(args.prompt)
@@ -114,9 +136,12 @@ def cmd_generate(args):
             sys.stdout.flush()
             shown = text
 
-    generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p,
+    generate(model, prompt, n_new, args.temperature, args.top_p,
              args.seed, stop_ids=stop, on_token=show)
     sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    if n_new < args.max_new_tokens and len(new) == n_new:
+        _log(f"refq generate: stopped after {n_new} new tokens at the model's "
+             f"max_position_embeddings {limit}")
     return 0
 
 
@@ -139,6 +164,8 @@ def build_parser():
     s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
                    "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of a packed checkpoint's tensors")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="continue a prompt")
@@ -151,6 +178,8 @@ def build_parser():
     s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
                    "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the sha256 check of a packed checkpoint's tensors")
     s.set_defaults(func=cmd_generate)
 
     from refq import quantize_cli

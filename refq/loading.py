@@ -2,6 +2,8 @@
 import json
 import os
 
+import numpy as np
+
 from refq.errors import RefqError
 
 
@@ -20,11 +22,52 @@ def is_packed(path):
     return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
 
 
-def load_for_inference(path=None, kernel="cpu"):
+def model_tensors(model):
+    """(checkpoint name, array) of every stored tensor of a loaded Llama: dense weights,
+    norms, biases, and the stored fields of quantized linears (NAME.FIELD)."""
+    from llama_np import Linear
+    yield "model.embed_tokens.weight", model.embed_tokens
+    yield "model.norm.weight", model.norm
+    if not model.cfg.tie_word_embeddings:
+        yield "lm_head.weight", model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", layer.input_norm
+        yield p + "post_attention_layernorm.weight", layer.post_norm
+        for n, b in layer.biases.items():
+            yield p + n + ".bias", b
+        for n, lin in layer.linears.items():
+            if isinstance(lin, Linear):
+                yield p + n + ".weight", lin.weight
+            else:                                   # a QuantizedWeight: its stored fields
+                for field, t in lin.tensors().items():
+                    yield f"{p}{n}.{field}", t
+
+
+def check_finite(model, where):
+    """Refuse a model with a NaN or Inf in any stored float tensor (weights, scales,
+    codebooks, outlier values), naming the first such tensor: they would only show
+    up later as perplexity nan."""
+    for name, t in model_tensors(model):
+        t = np.asarray(t)
+        if t.dtype.kind != "f":
+            continue
+        if t.size == 0 or (np.isfinite(t.min()) and np.isfinite(t.max())):
+            continue          # min/max propagate NaN and reach ±Inf; no temporary array
+        finite = np.isfinite(t)
+        if not finite.all():
+            raise RefqError(f"{where}: tensor {name} has "
+                            f"{finite.size - np.count_nonzero(finite)} NaN/Inf values")
+
+
+def load_for_inference(path=None, kernel="cpu", verify=True):
     """(model, tokenizer, folder) for --model PATH (default: the fetched SmolLM2).
 
     kernel: how a packed checkpoint's quantized linears multiply ("cpu",
     "gpu" or "dequant", see refq.kernels); a dense HF folder ignores it.
+    verify: check a packed checkpoint's tensors against their sha256
+    (quantization_config.sha256); --no-verify skips it. Every model's float
+    tensors are checked for NaN/Inf either way.
     """
     from llama_np import Tokenizer, load_model
     from refq.fetch import resolve_model
@@ -33,7 +76,8 @@ def load_for_inference(path=None, kernel="cpu"):
     folder = resolve_model(path)
     if is_packed(folder):
         from refq.checkpoint import load_packed_model
-        model = load_packed_model(folder, kernel=kernel)
+        model = load_packed_model(folder, kernel=kernel, verify=verify)
     else:
         model = load_model(folder)
+    check_finite(model, f"--model {folder}")
     return model, Tokenizer(folder), folder

@@ -129,20 +129,8 @@ def _check_options(method, opts):
 
 def _check_finite(model, folder):
     """Refuse a model with a NaN/Inf in any tensor before any work, naming the tensor."""
-    tensors = [("model.embed_tokens.weight", model.embed_tokens), ("model.norm.weight", model.norm)]
-    if not model.cfg.tie_word_embeddings:
-        tensors.append(("lm_head.weight", model.lm_head.weight))
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        tensors += [(p + "input_layernorm.weight", layer.input_norm),
-                    (p + "post_attention_layernorm.weight", layer.post_norm)]
-        tensors += [(p + n + ".bias", b) for n, b in layer.biases.items()]
-        tensors += [(p + n + ".weight", lin.weight) for n, lin in layer.linears.items()]
-    for name, t in tensors:
-        finite = np.isfinite(t)
-        if not finite.all():
-            raise RefqError(f"--model {folder}: tensor {name} has "
-                            f"{finite.size - np.count_nonzero(finite)} NaN/Inf values")
+    from refq.loading import check_finite
+    check_finite(model, f"--model {folder}")
 
 
 def _check_shapes(model, method, full):
@@ -163,7 +151,8 @@ def _eval(model, ids, what):
 
     from llama_np import perplexity
     with tqdm(total=len(ids), desc=f"eval {what}", unit="tok", file=sys.stderr, leave=False) as bar:
-        ppl, n, _ = perplexity(model, ids, 512, progress=bar.update)
+        ppl, n, _ = perplexity(model, ids, min(512, model.cfg.max_position_embeddings),
+                               progress=bar.update)
     _log(f"perplexity {what}: {ppl:.4f} ({n} tokens)")
     return ppl
 
@@ -176,13 +165,18 @@ def cmd_quantize(args):
     from refq.api import layer_loss, quantize_weight
     from refq.calibrate import calibration_windows, quantize_layers
     from refq.checkpoint import check_out_dir, save_packed
-    from refq.cli import read_text
+    from refq.cli import check_positions, check_seed, read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
     from refq.methods import METHODS
 
     if args.method not in METHODS:
         raise RefqError(f"--method {args.method}: unknown method (known: {', '.join(METHODS)})")
+    check_seed(args.seed)
+    for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
+                         ("--eval-max-tokens", args.eval_max_tokens, 2)):
+        if v is not None and v < low:
+            raise RefqError(f"{flag} {v}: must be at least {low}")
     opts = _given_options(args)
     if "seed" in METHODS[args.method].defaults:
         opts.setdefault("seed", args.seed)
@@ -202,11 +196,17 @@ def cmd_quantize(args):
     _check_finite(model, folder)
     _check_shapes(model, args.method, full_opts)
     calib_text = read_text(args.calib, "--calib")
-    windows = calibration_windows(tok.encode(calib_text), args.nsamples, args.seqlen, args.seed)
+    calib_ids = tok.check_ids(tok.encode(calib_text), model.cfg.vocab_size, f"--calib {args.calib}")
+    check_positions(args.seqlen, model.cfg, f"--seqlen {args.seqlen}")
+    try:
+        windows = calibration_windows(calib_ids, args.nsamples, args.seqlen, args.seed)
+    except RefqError as e:
+        raise RefqError(f"--calib {args.calib}: {e}") from None
     eval_ids = None
     result = {}
     if args.eval:
         eval_ids = tok.encode(read_text(args.eval_text, "--eval-text"))[:args.eval_max_tokens]
+        tok.check_ids(eval_ids, model.cfg.vocab_size, f"--eval-text {args.eval_text}")
         if len(eval_ids) < 2:
             raise RefqError(f"--eval-text {args.eval_text}: fewer than 2 tokens")
         result["ppl_before"] = _eval(model, eval_ids, "before")
@@ -226,9 +226,11 @@ def cmd_quantize(args):
 
     t_q = time.perf_counter()
     bar = tqdm(total=len(model.layers), desc=f"{args.method}", unit="layer", file=sys.stderr)
-    quantize_layers(model, windows, quantize, args.true_sequential,
-                    log=lambda i, s: bar.update(1))
-    bar.close()
+    try:
+        quantize_layers(model, windows, quantize, args.true_sequential,
+                        log=lambda i, s: bar.update(1))
+    finally:
+        bar.close()          # an error message then starts on its own line
     q_secs = time.perf_counter() - t_q
 
     n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())

@@ -66,7 +66,7 @@ METHODS = {
     "quantease": Method(quantease.quantize_quantease, quantease.DEFAULTS, needs_hessian=True,
                         checks=quantease.CHECKS, casts=quantease.CASTS),
     "spqr": Method(spqr.quantize_spqr, spqr.DEFAULTS, needs_hessian=True,
-                   checks=spqr.CHECKS, casts=spqr.CASTS),
+                   checks=spqr.CHECKS, casts=spqr.CASTS, check_shape=spqr.check_shape),
     "squeezellm": Method(squeezellm.quantize_squeezellm, squeezellm.DEFAULTS, needs_hessian=True,
                          checks=squeezellm.CHECKS, casts=squeezellm.CASTS),
     "aqlm": Method(aqlm.quantize_aqlm, aqlm.DEFAULTS, needs_hessian=True,

@@ -298,6 +298,14 @@ def fit_group(X, bits, sym, qq_bits, qq_group, name=""):
 # ---------------------------------------------------------------------------
 # the method
 # ---------------------------------------------------------------------------
+def check_shape(shape, opts, name=""):
+    """RefqError (one line, before calibration) when group_size does not divide in_features."""
+    out, n = shape
+    if n % opts["group_size"]:
+        raise RefqError(f"{name or 'spqr'}: group_size {opts['group_size']} does not divide "
+                        f"in_features {n} (--group-size: spqr needs whole groups)")
+
+
 def quantize_spqr(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> SpqrWeight."""
     from refq.api import layer_loss
@@ -308,8 +316,7 @@ def quantize_spqr(W, H, opts, name=""):
     qq_bits, qg = opts["qq_bits"], opts["qq_group_size"]
     tau = opts["outlier_threshold"]
     out, n = W.shape
-    if n % g:
-        raise RefqError(f"{name or 'spqr'}: group_size {g} does not divide in_features {n}")
+    check_shape(W.shape, opts, name)
     maxq = 2 ** bits - 1
     W_in, H_in = W, H
     W = W.copy()                                    # (out, n)
