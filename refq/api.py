@@ -4,77 +4,26 @@
     layer_loss(W, Q, H) -> float
     QuantizedWeight, load_quantized(tensors, meta)
 
-Options shared by the methods (underscored CLI names):
-    bits           int 2..8, default 4
-    group_size     None (one grid per output row) or columns per group; a
-                   last group shorter than group_size is allowed
-    sym            False: asymmetric min-max grid; True: zero fixed at 2^(b-1)
-    mse            False; True: GPTQ's clipping grid search (norm 2.4)
-gptq only:
-    act_order (False), static_groups (False), percdamp (0.01), blocksize (128)
+Options: each method's OPTIONS table (refq/options.py, at the top of
+refq/methods/<method>.py) gives every option's type, default, range, whether
+None is allowed and what it means; `refq quantize --method M --help` prints it.
+Types are strict (True is not 1, "false" is not False, 4.0 is not an integer);
+a value is checked, then stored as a plain JSON type.  Options shared by the
+quantizers: bits (2..8), group_size (None: one grid per output row, or columns
+per group), sym, mse.
 Any method:
     name           tensor name used in error messages and info (not stored
                    in options)
 """
-
-import math
 
 import numpy as np
 
 from refq.errors import RefqError
 from refq.formats.base import QuantizedWeight, load_quantized
 from refq.methods import METHODS
+from refq.options import Invalid
 
 __all__ = ["quantize_weight", "layer_loss", "QuantizedWeight", "load_quantized", "METHODS"]
-
-
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_bits(v):
-    if not _is_int(v) or not 2 <= v <= 8:
-        return f"must be an integer in 2..8, got {v!r}"
-
-
-def _check_group_size(v):
-    if v is not None and (not _is_int(v) or v < 1):
-        return f"must be None (per-channel) or a positive integer, got {v!r}"
-
-
-def _check_bool(v):
-    if not isinstance(v, (bool, np.bool_)):
-        return f"must be True or False, got {v!r}"
-
-
-def _check_percdamp(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(v) or v < 0:
-        return f"must be a finite number >= 0, got {v!r}"
-
-
-def _check_blocksize(v):
-    if not _is_int(v) or v < 1:
-        return f"must be a positive integer, got {v!r}"
-
-
-# option name -> check(value) -> error text or None; options of later methods
-# without an entry here are checked by the method itself
-OPTION_CHECKS = {
-    "bits": _check_bits,
-    "group_size": _check_group_size,
-    "sym": _check_bool,
-    "mse": _check_bool,
-    "act_order": _check_bool,
-    "static_groups": _check_bool,
-    "percdamp": _check_percdamp,
-    "blocksize": _check_blocksize,
-}
-
-# normalise to plain Python types so that options stay JSON-serialisable
-_CASTS = {"bits": int, "blocksize": int, "percdamp": float, "sym": bool, "mse": bool,
-          "act_order": bool, "static_groups": bool,
-          "group_size": lambda v: None if v is None else int(v)}
 
 
 def _check_matrix(A, what, prefix, shape=None):
@@ -93,28 +42,32 @@ def _check_matrix(A, what, prefix, shape=None):
 
 def option_error(method, key, value):
     """Error text for one option value of `method` (None if valid)."""
-    spec = METHODS[method]
-    check = spec.checks.get(key) or OPTION_CHECKS.get(key)
-    return check(value) if check else None
+    try:
+        METHODS[method].table[key].check(value)
+    except Invalid as e:
+        return str(e)
 
 
-def validate_options(method, options, prefix=""):
-    """Defaults filled in, every option checked and cast -> dict (RefqError if invalid)."""
+def validate_options(method, options, prefix="", given=()):
+    """Defaults filled in, every option checked, then cast -> dict (RefqError if invalid).
+
+    given: the options named explicitly on the command line or in a compare
+    SPEC; one of them that has no effect given the others is an error there.
+    The API passes none: an option dict stored in a checkpoint or a golden
+    manifest holds every option, also those without effect."""
     spec = METHODS[method]
-    unknown = sorted(set(options) - set(spec.defaults))
+    table = spec.table
+    unknown = sorted(set(options) - set(table))
     if unknown:
         raise RefqError(f"{prefix}unknown option {unknown[0]!r} for method {method!r} "
-                        f"(known: {', '.join(sorted(spec.defaults))})")
-    opts = dict(spec.defaults)
-    opts.update(options)
-    for key, value in opts.items():
-        msg = option_error(method, key, value)
-        if msg:
-            raise RefqError(f"{prefix}option {key} {msg}")
-        cast = spec.casts.get(key) or _CASTS.get(key)
-        if cast:
-            opts[key] = cast(value)
-    msg = spec.validate(opts) if spec.validate else None
+                        f"(known: {', '.join(sorted(table))})")
+    opts = {}
+    for key, opt in table.items():
+        try:
+            opts[key] = opt.check(options.get(key, opt.default))
+        except Invalid as e:
+            raise RefqError(f"{prefix}option {key} {e}") from None
+    msg = spec.validate(opts, frozenset(given)) if spec.validate else None
     if msg:
         raise RefqError(f"{prefix}options: {msg}")
     return opts

@@ -11,9 +11,10 @@ A SPEC is a method and, optionally, its options:
     claq:bits=2.2,outlier_reservation=true
 
 Option names are those of `refq quantize` (underscores or dashes); values are
+read as `refq quantize` reads its flags (`refq quantize --method M --help`):
 numbers, true/false, none, or words. For each SPEC, in order, compare runs
 
-    refq quantize --method M <options> --calib ... --out DIR/<spec>/checkpoint --json
+    refq quantize --method M --options JSON --calib ... --out DIR/<spec>/checkpoint --json
     refq eval --model DIR/<spec>/checkpoint --text T --json      (for each --text)
 
 as child processes (so the peak resident memory of each quantization is its
@@ -37,6 +38,7 @@ import tempfile
 import time
 
 from refq.errors import RefqError
+from refq.options import SEED
 
 # "Standard settings": ~3 bits for the quantizers (4 for SLiM, whose paper
 # setting is 4-bit + 2:4), the methods' own defaults otherwise. AQLM is left out
@@ -62,29 +64,19 @@ def _log(*a):
 
 
 # ============================================================================ specs
-def _value(s):
-    low = s.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
-
-
 def parse_spec(spec):
-    """'gptq:bits=3,act_order=true' -> ('gptq', {'bits': 3, 'act_order': True}), validated."""
+    """'gptq:bits=3,act_order=true' -> ('gptq', {'bits': 3, 'act_order': True}).
+
+    Each value is read by the method's OPTIONS table (refq/options.py), as
+    `refq quantize` reads its flags; the options together are then validated
+    (an option without effect given the others is an error here too)."""
+    from refq.api import validate_options
     from refq.methods import METHODS
-    from refq.quantize_cli import _check_options
+    from refq.options import Invalid
     method, _, rest = spec.partition(":")
     if method not in METHODS:
         raise RefqError(f"--methods {spec}: unknown method {method!r} (known: {', '.join(METHODS)})")
+    table = METHODS[method].table
     opts = {}
     for item in filter(None, rest.split(",")):
         key, eq, val = item.partition("=")
@@ -93,27 +85,27 @@ def parse_spec(spec):
         key = key.strip().replace("-", "_")
         if key in opts:
             raise RefqError(f"--methods {spec}: option {key} given twice")
-        if key == "seed" or key in METHODS[method].api_only:
+        o = table.get(key)
+        if key == "seed" or (o is not None and (o.api_only or o.common)):
             raise RefqError(f"--methods {spec}: {key} is not a per-method option here"
                             + (" (use --seed)" if key == "seed" else " (Python API only)"))
-        opts[key] = _value(val.strip())
-    try:
-        _check_options(method, opts)
-    except RefqError as e:
-        raise RefqError(f"--methods {spec}: {e}") from None
+        flag = "--" + key.replace("_", "-")                 # errors name it as quantize does
+        if o is None:
+            known = ", ".join(x.flag for x in table.values() if not (x.api_only or x.common))
+            raise RefqError(f"--methods {spec}: {flag}: not an option of method {method} "
+                            f"(its options: {known})")
+        try:
+            opts[key] = o.parse(val)
+        except Invalid as e:
+            raise RefqError(f"--methods {spec}: {flag} {val.strip()}: {e}") from None
+    validate_options(method, opts, prefix=f"--methods {spec}: ", given=set(opts))
     return method, opts
 
 
-def option_flags(opts):
-    """The `refq quantize` flags for an options dict."""
-    flags = []
-    for k, v in opts.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            flags.append(flag if v else "--no-" + k.replace("_", "-"))
-        else:
-            flags += [flag, "none" if v is None else str(v)]
-    return flags
+def options_arg(opts):
+    """The `refq quantize --options JSON` argument for validated options: the values
+    themselves (JSON: null, true, 0.5, Infinity), not flags to be parsed again."""
+    return ["--options", json.dumps(opts)] if opts else []
 
 
 def spec_dir(spec):
@@ -221,7 +213,7 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
         res.update(options={}, bits_per_weight=32.0, quantize_seconds=0.0, peak_rss_mib=None,
                    packed_bytes=_folder_bytes(model))
     else:
-        args = ["quantize", "--method", method, *option_flags(opts),
+        args = ["quantize", "--method", method, *options_arg(opts),
                 "--model", settings["model"], "--calib", settings["calib"],
                 "--nsamples", str(settings["nsamples"]), "--seqlen", str(settings["seqlen"]),
                 "--seed", str(settings["seed"]), "--out", ckpt, "--force", "--json"]
@@ -333,7 +325,8 @@ def add_commands(sub):
                    help="texts to measure perplexity on (default: data/eval.txt)")
     s.add_argument("--nsamples", type=int, default=32)
     s.add_argument("--seqlen", type=int, default=512)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=SEED.arg_type, default=0, help="calibration windows, and "
+                   "the seed of the methods that have one (default 0)")
     s.add_argument("--ctx", type=int, default=512, help="perplexity window (default 512)")
     s.add_argument("--eval-max-tokens", type=int, default=None, help="use only the first N tokens")
     s.add_argument("--out", default="refq-compare", help="results folder (default: ./refq-compare)")

@@ -1,9 +1,13 @@
 """`refq quantize` and `refq info`.
 
-Method options become flags automatically: every option in a method's
-DEFAULTS (refq/methods/__init__.py) is a flag `--option-name`; only the flags
-given on the command line are passed, so an option the method does not have
-is an error naming it, and the method's own defaults apply otherwise.
+Method options become flags from the methods' OPTIONS tables (refq/options.py):
+every option `x_y` of any method is a flag `--x-y VALUE` (`--x-y` / `--no-x-y`
+for a bool); the value is read by the option of the method chosen, so a flag
+the method does not have is an error naming it, and the method's own defaults
+apply to the flags not given.  `--options JSON` gives options as one JSON
+object instead (what `refq compare` passes its child processes).
+`refq quantize --help` shows the common flags and the methods;
+`refq quantize --method M --help` adds M's options, with help, default and range.
 """
 import argparse
 import hashlib
@@ -16,84 +20,63 @@ import warnings
 import numpy as np
 
 from refq.errors import RefqError
+from refq.options import SEED, Invalid
 
 
 def _log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def _optional_int(s):
-    if s.lower() in ("none", "0", "-1"):
-        return None
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {s!r}") from None
-
-
-def _number(s):
-    """An int if it reads as one, else a float (options shared by int and float methods)."""
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        return float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-
-
-def _method_options():
-    """{option: (default, [methods])} over all registered methods."""
+def _all_options():
+    """{name: Option} over every method's flag options; an option name has one kind
+    (bool or not) in every method that has it, so its flag works the same way."""
     from refq.methods import METHODS
-    opts = {}
+    seen = {}
     for m, spec in METHODS.items():
-        for k, v in spec.defaults.items():
-            if k in spec.api_only or k == "seed":   # --seed is a general flag, passed on
+        for o in spec.options:
+            if o.api_only or o.common:
                 continue
-            opts.setdefault(k, (v, []))[1].append(m)
-    return opts
+            first = seen.setdefault(o.name, o)
+            assert (first.kind == "bool") == (o.kind == "bool"), f"option {o.name}: bool in one " \
+                "method only"
+    return seen
 
 
 def add_commands(sub):
     from refq.cli import DEFAULT_CALIB, DEFAULT_EVAL
     from refq.methods import METHODS
-    s = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
+    s = sub.add_parser("quantize", help="quantize a model into a packed checkpoint",
+                       add_help=False, epilog=f"methods: {', '.join(METHODS)}. "
+                       "`refq quantize --method M --help` lists M's options.")
+    s.add_argument("-h", "--help", action="store_true",
+                   help="show this help (with --method M: also M's options) and exit")
     s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
-    s.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
-    g = s.add_argument_group("method options (each only for the methods named)")
-    for k, (default, methods) in sorted(_method_options().items()):
-        flag = "--" + k.replace("_", "-")
-        defaults = {m: METHODS[m].defaults[k] for m in methods}
-        if len({repr(v) for v in defaults.values()}) == 1:
-            helptext = f"{', '.join(methods)} (default {default})"
+    s.add_argument("--method", help=f"one of: {', '.join(METHODS)} (required)")
+    for name, o in sorted(_all_options().items()):           # help: --method M --help
+        dest = "opt_" + name
+        if o.kind == "bool":
+            s.add_argument(o.flag, dest=dest, action="store_const", const=True,
+                           help=argparse.SUPPRESS)
+            s.add_argument("--no-" + o.flag[2:], dest=dest, action="store_const", const=False,
+                           help=argparse.SUPPRESS)
         else:
-            helptext = "; ".join(f"{m} (default {v})" for m, v in defaults.items())
-        if isinstance(default, bool):
-            g.add_argument(flag, dest="opt_" + k, action=argparse.BooleanOptionalAction,
-                           default=None, help=helptext)
-        elif default is None or k == "group_size":
-            g.add_argument(flag, dest="opt_" + k, type=_optional_int, default=argparse.SUPPRESS,
-                           metavar=k.upper(), help=helptext + "; 'none' = per output row")
-        elif isinstance(default, (int, float)):
-            g.add_argument(flag, dest="opt_" + k, type=_number, default=None,
-                           metavar=k.upper(), help=helptext)
-        else:
-            g.add_argument(flag, dest="opt_" + k, type=type(default), default=None,
-                           metavar=k.upper(), help=helptext)
+            s.add_argument(o.flag, dest=dest, help=argparse.SUPPRESS)
+    s.add_argument("--options", metavar="JSON", help="the method's options as one JSON object "
+                   "(Python API names and values), e.g. '{\"bits\": 3, \"group_size\": null}'")
     s.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (default: data/calib.txt)")
     s.add_argument("--nsamples", type=int, default=128)
     s.add_argument("--seqlen", type=int, default=512)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=SEED.arg_type, default=0,
+                   help="calibration windows, and the method's seed if it has one (default 0)")
     s.add_argument("--true-sequential", action="store_true",
                    help="quantize q,k,v -> o -> gate,up -> down, re-capturing inputs after each")
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
-    s.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    s.add_argument("--out", help="output folder (must not exist, or be empty; required)")
     s.add_argument("--force", action="store_true", help="replace a non-empty --out")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_quantize)
+    s.set_defaults(func=cmd_quantize, parser=s)
 
     s = sub.add_parser("info", help="what a packed checkpoint holds")
     s.add_argument("path")
@@ -101,30 +84,92 @@ def add_commands(sub):
     s.set_defaults(func=cmd_info)
 
 
-def _given_options(args):
-    opts = {}
-    for k, v in vars(args).items():
-        # group_size may be given as None ('none' = per-channel); other unset flags are None
-        if k.startswith("opt_") and (v is not None or k == "opt_group_size"):
-            opts[k[4:]] = v
-    return opts
-
-
-def _check_options(method, opts):
-    """Each given option: known to the method and valid, else an error naming its flag.
-    -> every option of the method (defaults filled in, validated)."""
-    from refq.api import option_error, validate_options
+def method_help(method):
+    """`refq quantize --method M --help`: M's options with help, default and range."""
     from refq.methods import METHODS
-    known = METHODS[method].defaults
-    for k, v in opts.items():
-        flag = "--" + k.replace("_", "-")
-        if k not in known:
-            raise RefqError(f"{flag}: not an option of method {method} (its options: "
-                            f"{', '.join('--' + o.replace('_', '-') for o in sorted(known))})")
-        msg = option_error(method, k, v)
-        if msg:
-            raise RefqError(f"{flag} {v}: {msg}")
-    return validate_options(method, opts, prefix=f"--method {method}: ")
+    p = argparse.ArgumentParser(prog=f"refq quantize --method {method}", add_help=False,
+                                usage=argparse.SUPPRESS)
+    g = p.add_argument_group(f"options of --method {method} (flags; in a compare SPEC "
+                             "and --options: the name with underscores)")
+    for o in METHODS[method].options:
+        if o.api_only:
+            continue
+        if o.common:
+            g.add_argument(o.flag, metavar=o.name.upper(), help=o.help_line())
+        elif o.kind == "bool":
+            g.add_argument(o.flag, action=argparse.BooleanOptionalAction, help=o.help_line())
+        else:
+            g.add_argument(o.flag, metavar=o.name.upper(), help=o.help_line())
+    api = [o.name for o in METHODS[method].options if o.api_only]
+    if api:
+        p.epilog = f"Python API only: {', '.join(api)} (refq.quantize_weight)."
+    return p.format_help()
+
+
+def _check_method(method):
+    from refq.methods import METHODS
+    if not method:
+        raise RefqError(f"--method: required (one of: {', '.join(METHODS)})")
+    if method not in METHODS:
+        raise RefqError(f"--method {method}: unknown method (known: {', '.join(METHODS)})")
+
+
+def given_options(args):
+    """The method options given on the command line (flags and --options JSON), each
+    checked by the method's OPTIONS table -> {name: value}; an error names the flag."""
+    from refq.methods import METHODS
+    method = args.method
+    table = METHODS[method].table
+    flags = ", ".join(o.flag for o in table.values() if not (o.api_only or o.common))
+    given = {}
+    for k, v in vars(args).items():
+        if not k.startswith("opt_") or v is None:
+            continue
+        name = k[4:]
+        o = table.get(name)
+        flag = "--" + name.replace("_", "-")
+        if o is None or o.api_only or o.common:
+            raise RefqError(f"{flag}: not an option of method {method} (its options: {flags})")
+        try:
+            given[name] = o.check(v) if isinstance(v, bool) else o.parse(v)
+        except Invalid as e:
+            shown = flag if isinstance(v, bool) else f"{flag} {v}"
+            raise RefqError(f"{shown}: {e}") from None
+    if args.options is not None:
+        try:
+            obj = json.loads(args.options)
+        except ValueError as e:
+            raise RefqError(f"--options: not JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise RefqError("--options: must be a JSON object {\"option\": value, ...}")
+        for name, v in obj.items():
+            o = table.get(name)
+            if o is None or o.common:
+                raise RefqError(f"--options: {name!r} is not an option of method {method} "
+                                f"(its options: {', '.join(n for n in table if not table[n].common)})")
+            if o.api_only:
+                raise RefqError(f"--options: {name} is an option of the Python API only")
+            if name in given:
+                raise RefqError(f"--options: {name} is given as a flag too")
+            try:
+                given[name] = o.check(v)
+            except Invalid as e:
+                raise RefqError(f"--options: {name} {e}") from None
+    return given
+
+
+def options_from_args(args):
+    """-> (options to pass to quantize_weight, every option of the method validated),
+    from the flags and --options; cross-option errors name the method."""
+    from refq.api import validate_options
+    from refq.methods import METHODS
+    _check_method(args.method)
+    opts = given_options(args)
+    full = validate_options(args.method, opts, prefix=f"--method {args.method}: ",
+                            given=set(opts))
+    if "seed" in METHODS[args.method].table:                     # a common flag, passed on
+        opts["seed"] = full["seed"] = args.seed
+    return opts, full
 
 
 def _check_finite(model, folder):
@@ -136,7 +181,7 @@ def _check_finite(model, folder):
 def _check_shapes(model, method, full):
     """Refuse, before calibrating, a layer the method cannot take with these options (e.g.
     AQLM 1x16 on a layer with fewer than 65,536 groups), naming the tensor and the flag.
-    full: every option of the method, as _check_options returns them."""
+    full: every option of the method, as options_from_args returns them."""
     from refq.methods import METHODS
     check = METHODS[method].check_shape
     if check is None:
@@ -168,25 +213,27 @@ def cmd_quantize(args):
     from refq.cli import check_positions, check_seed, read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
-    from refq.methods import METHODS
 
-    if args.method not in METHODS:
-        raise RefqError(f"--method {args.method}: unknown method (known: {', '.join(METHODS)})")
+    if args.help:
+        if args.method:
+            _check_method(args.method)
+        print(args.parser.format_help() + ("\n" + method_help(args.method) if args.method else ""))
+        return 0
+    _check_method(args.method)
+    if not args.out:
+        raise RefqError("--out: required (the output folder)")
     check_seed(args.seed)
     for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),
                          ("--eval-max-tokens", args.eval_max_tokens, 2)):
         if v is not None and v < low:
             raise RefqError(f"{flag} {v}: must be at least {low}")
-    opts = _given_options(args)
-    if "seed" in METHODS[args.method].defaults:
-        opts.setdefault("seed", args.seed)
     # The output location first, before anything is computed (refq/outdir.py).
     from refq.fetch import default_model_path
     check_out_dir(args.out, args.force, log=_log,
                   inputs=[args.model or default_model_path(), args.calib]
                   + ([args.eval_text] if args.eval else []))
     # Validate every option now rather than after calibration, naming the flag at fault.
-    full_opts = _check_options(args.method, opts)
+    opts, full_opts = options_from_args(args)
 
     folder = resolve_model(args.model)
     if is_packed(folder):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assert_one_line_error, tiny_text, write_tiny_checkpoint
-from refq.compare import BASELINE, option_flags, pareto, parse_spec, spec_dir
+from refq.compare import BASELINE, options_arg, pareto, parse_spec, spec_dir
 from refq.errors import RefqError
 
 SPECS = ["rtn:bits=3,group_size=16", "gptq:bits=3,group_size=16,act_order=true"]
@@ -160,9 +160,13 @@ def test_bad_texts_and_numbers(tiny, tmp_path):
 def test_spec_parsing_and_flags():
     m, o = parse_spec("claq:bits=2.2,outlier-reservation=true,or_fit=before")
     assert m == "claq" and o == {"bits": 2.2, "outlier_reservation": True, "or_fit": "before"}
-    assert option_flags(o) == ["--bits", "2.2", "--outlier-reservation", "--or-fit", "before"]
+    # the child gets the values themselves, as JSON (not flags to be parsed again)
+    assert options_arg(o) == ["--options", '{"bits": 2.2, "outlier_reservation": true, '
+                                           '"or_fit": "before"}']
     m, o = parse_spec("gptq:group_size=none,act_order=false")
-    assert option_flags(o) == ["--group-size", "none", "--no-act-order"]
+    assert o == {"group_size": None, "act_order": False}
+    assert options_arg(o) == ["--options", '{"group_size": null, "act_order": false}']
+    assert options_arg({}) == []
     assert spec_dir("gptq:bits=3,group_size=128") == "gptq_bits=3_group_size=128"
     with pytest.raises(RefqError):
         parse_spec("gptq:bits=x")

@@ -382,7 +382,7 @@ def ref_rtn(W, bits, group_size, sym):
 
 
 @pytest.mark.parametrize("args,bits,group_size,sym", [
-    (["--bits", "4", "--sym", "--group-size", "0"], 4, None, True),   # 0 = per output row
+    (["--bits", "4", "--sym"], 4, None, True),              # group_size default: per output row
     (["--bits", "3", "--group-size", "8"], 3, 8, False),
     (["--bits", "2", "--group-size", "none", "--no-sym"], 2, None, False),
 ])

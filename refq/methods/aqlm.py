@@ -119,9 +119,23 @@ import numpy as np
 from numba import njit, prange
 
 from refq.errors import RefqError
+from refq.options import SEED, Option, defaults
 
-DEFAULTS = dict(num_codebooks=2, nbits_per_codebook=8, in_group_size=8, beam_size=1,
-                max_iters=20, relative_tolerance=0.01, seed=0)
+OPTIONS = (
+    Option("num_codebooks", "int", 2, "M: codebooks summed per group of weights", range="[1, 64]"),
+    Option("nbits_per_codebook", "int", 8, "B: bits per code (2^B vectors per codebook)",
+           range="[1, 16]"),
+    Option("in_group_size", "int", 8, "g: consecutive input weights coded together",
+           range="[1, 64]"),
+    Option("beam_size", "int", 1, "candidates kept per step of the code search", range="[1, 1024]"),
+    Option("max_iters", "int", 20, "rounds of (codebooks, scales, codes) updates at most",
+           range="[1, 10000]"),
+    Option("relative_tolerance", "float", 0.01, "stop when a round lowers the loss by less "
+           "than this fraction", range="[0, inf)"),
+    SEED.but(help="seed of the k-means initialisation and the code-search order (set by "
+             "--seed)", common=True),
+)
+DEFAULTS = defaults(OPTIONS)
 
 DIRECT_MAX = 4096          # largest number of codebook unknowns solved by Cholesky
 PCG_MAX_ITERS = 100        # conjugate-gradient steps per codebook update (at most)
@@ -131,39 +145,6 @@ KMEANS_MAX_ITERS = 50      # Lloyd iterations of the initialization (at most) ..
 KMEANS_WORK = 2e10         # ... fewer when one pass costs more: iterations <= WORK / (N 2^B g)
 PROX = 1e-10               # λ of the proximal codebook solve, relative to mean diag(A)
 FP16_MAX = 65504.0
-
-
-# ---------------------------------------------------------------------------
-# option checks (refq.api.validate_options calls them)
-# ---------------------------------------------------------------------------
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _int_in(lo, hi):
-    def check(v):
-        if not _is_int(v) or not lo <= v <= hi:
-            return f"must be an integer in {lo}..{hi}, got {v!r}"
-    return check
-
-
-def _check_tolerance(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(v) or v < 0:
-        return f"must be a finite number >= 0, got {v!r}"
-
-
-CHECKS = {
-    "num_codebooks": _int_in(1, 64),
-    "nbits_per_codebook": _int_in(1, 16),
-    "in_group_size": _int_in(1, 64),
-    "beam_size": _int_in(1, 1024),
-    "max_iters": _int_in(1, 10_000),
-    "relative_tolerance": _check_tolerance,
-    "seed": _int_in(0, 2 ** 63 - 1),
-}
-CASTS = {"num_codebooks": int, "nbits_per_codebook": int, "in_group_size": int,
-         "beam_size": int, "max_iters": int, "relative_tolerance": float, "seed": int}
 
 
 def fp16(x):

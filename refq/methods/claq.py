@@ -57,80 +57,49 @@ from numba import njit
 from refq.errors import RefqError
 from refq.methods.gptq import inverse_cholesky
 from refq.methods.kmeans1d import kmeans1d_centroids
+from refq.options import ACT_ORDER, BLOCKSIZE, PERCDAMP, Option, defaults, no_effect
 
-DEFAULTS = {
-    "bits": 3,                     # bits per column: an integer 2..8, or an average in (2, 4) with AP
-    "ap": True,                    # adaptive precision (used when bits is fractional)
-    "outlier_threshold": 13.0,     # t in the outlier score
-    "outlier_reservation": False,  # OR on/off
-    "or_ratio_high": 0.014,        # per-tail fraction kept in fp16, top columns
-    "or_ratio_low": 0.004,         # per-tail fraction kept in fp16, other columns
-    "or_top_frac": 0.1,            # fraction of columns that get or_ratio_high
-    "or_fit": "after",             # fit centroids "after" (measured better) or "before" the reservation
-    "act_order": True,             # measured: lower loss on every SmolLM2 layer tried
-    "percdamp": 0.01,
-    "blocksize": 128,
-    "column_bits": None,           # API only: explicit (in,) bit widths, overrides bits/ap
-}
-API_ONLY = {"column_bits"}
-
-
-def _is_num(v):
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_bits(v):
-    if not _is_num(v) or not np.isfinite(v) or not 2 <= v <= 8:
-        return f"must be a number in 2..8 (an average with --ap: 2..4), got {v!r}"
-
-
-def _check_ratio(v):
-    if not _is_num(v) or not 0 <= v < 0.5:
-        return f"must be a number in [0, 0.5), got {v!r}"
+OPTIONS = (
+    Option("bits", "number", 3, "bits per column: an integer, or an average in 2..4 reached "
+           "by adaptive precision", range="[2, 8]"),
+    Option("ap", "bool", True, "adaptive precision: 4 bits for the columns with the most "
+           "outliers (used when --bits is fractional)"),
+    Option("outlier_threshold", "float", 13.0, "t in the outlier score: |w| >= t * mean|W| "
+           "counts as an outlier", range="(0, inf)"),
+    Option("outlier_reservation", "bool", False, "keep each column's extreme values in fp16 "
+           "(OR)"),
+    Option("or_ratio_high", "float", 0.014, "OR: fraction kept at each tail in the top "
+           "--or-top-frac columns", range="[0, 0.5)"),
+    Option("or_ratio_low", "float", 0.004, "OR: fraction kept at each tail in the other columns",
+           range="[0, 0.5)"),
+    Option("or_top_frac", "float", 0.1, "OR: fraction of columns (by outlier score) that get "
+           "--or-ratio-high", range="[0, 1]"),
+    Option("or_fit", "choice", "after", "OR: fit the centroids after removing the reserved "
+           "values (measured better) or before", choices=("after", "before")),
+    ACT_ORDER.but(default=True),                  # measured: lower loss on every SmolLM2 layer tried
+    PERCDAMP,
+    BLOCKSIZE,
+    Option("column_bits", "int_list", None, "explicit bit width of every input column "
+           "(overrides bits and ap)", range="[1, 8]", none="from --bits and --ap",
+           api_only=True),
+)
+DEFAULTS = defaults(OPTIONS)
+OR_OPTIONS = ["or_ratio_high", "or_ratio_low", "or_top_frac", "or_fit"]
 
 
-def _check_frac(v):
-    if not _is_num(v) or not 0 <= v <= 1:
-        return f"must be a number in [0, 1], got {v!r}"
-
-
-def _check_threshold(v):
-    if not _is_num(v) or not np.isfinite(v) or v <= 0:
-        return f"must be a number > 0, got {v!r}"
-
-
-def _check_or_fit(v):
-    if v not in ("after", "before"):
-        return f"must be 'after' or 'before', got {v!r}"
-
-
-def _check_column_bits(v):
-    if v is None:
-        return None
-    a = np.asarray(v)
-    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) \
-            or a.min() < 1 or a.max() > 8:
-        return "must be a 1-D list of integers in 1..8 (one per input column)"
-
-
-CHECKS = {"bits": _check_bits, "outlier_threshold": _check_threshold,
-          "or_ratio_high": _check_ratio, "or_ratio_low": _check_ratio,
-          "or_top_frac": _check_frac, "or_fit": _check_or_fit,
-          "column_bits": _check_column_bits}
-CASTS = {"bits": lambda v: int(v) if float(v).is_integer() else float(v),
-         "outlier_threshold": float, "or_ratio_high": float, "or_ratio_low": float,
-         "or_top_frac": float, "ap": bool, "outlier_reservation": bool,
-         "column_bits": lambda v: None if v is None else [int(b) for b in v]}
-
-
-def validate(opts):
-    """Checks across options (refq.api.validate_options calls it)."""
+def validate(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
     b = opts["bits"]
     if opts["column_bits"] is None and not float(b).is_integer():
         if not opts["ap"]:
             return f"bits {b}: a fractional average needs adaptive precision (--ap)"
         if not 2 <= b <= 4:
             return f"bits {b}: adaptive precision reaches averages in 2..4 only"
+    return (no_effect(given, OR_OPTIONS, opts["outlier_reservation"],
+                      "outlier_reservation is on (--outlier-reservation)")
+            or no_effect(given, ["ap"], not float(b).is_integer(),
+                         "bits is fractional (e.g. --bits 2.5)"))
 
 
 # ---------------------------------------------------------------------------

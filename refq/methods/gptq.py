@@ -54,18 +54,27 @@ import scipy.linalg.lapack
 from numba import njit
 
 from refq.errors import RefqError
-from refq.methods.rtn import DEFAULTS as RTN_DEFAULTS
+from refq.methods import rtn
 from refq.methods.rtn import find_params, group_bounds
+from refq.options import ACT_ORDER, BLOCKSIZE, PERCDAMP, Option, defaults
 
-DEFAULTS = dict(RTN_DEFAULTS, act_order=False, static_groups=False, percdamp=0.01, blocksize=128)
+OPTIONS = rtn.OPTIONS + (
+    ACT_ORDER,
+    Option("static_groups", "bool", False, "fit every group's grid up front on the original W "
+           "(needs --group-size)"),
+    PERCDAMP,
+    BLOCKSIZE,
+)
+DEFAULTS = defaults(OPTIONS)
 
 MAX_RETRIES = 4  # percdamp, x10, x100, x1000, x10000
 
 
-def validate(opts):
-    """Checks across options (refq.api.validate_options calls it)."""
+def validate(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
     if opts["static_groups"] and opts["group_size"] is None:
-        return "static_groups needs group_size"
+        return "static_groups needs group_size (--group-size)"
 
 
 class DampingWarning(UserWarning):

@@ -83,32 +83,26 @@ import scipy.linalg
 from numba import njit, prange
 
 from refq.errors import RefqError
-from refq.methods.rtn import DEFAULTS as RTN_DEFAULTS
+from refq.methods import rtn
 from refq.methods.rtn import find_params, quantize_codes
+from refq.options import ACT_ORDER, PERCDAMP, Option, defaults, no_effect
 
-DEFAULTS = dict(RTN_DEFAULTS, act_order=True, iters=30, init="gptq", outlier_frac=0.0,
-                percdamp=0.01)
-
-
-def _check_iters(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
-        return f"must be an integer >= 1, got {v!r}"
-
-
-def _check_init(v):
-    if v not in ("rtn", "gptq"):
-        return f"must be 'rtn' or 'gptq', got {v!r}"
-
-
-def check_fraction(v):
-    """A fraction in [0, 1) (shared by the dense-and-sparse methods)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(v) or not 0 <= v < 1:
-        return f"must be a number in [0, 1), got {v!r}"
+OPTIONS = rtn.OPTIONS + (
+    ACT_ORDER.but(default=True),
+    Option("iters", "int", 30, "coordinate-descent sweeps over all columns", range="[1, inf)"),
+    Option("init", "choice", "gptq", "initial quantizer (it also fixes the grid)",
+           choices=("rtn", "gptq")),
+    Option("outlier_frac", "float", 0.0, "fraction of the weights kept as fp16 outliers "
+           "(0: none)", range="[0, 1)"),
+    PERCDAMP.but(help=PERCDAMP.help + " (--init gptq)"),
+)
+DEFAULTS = defaults(OPTIONS)
 
 
-CHECKS = {"iters": _check_iters, "init": _check_init, "outlier_frac": check_fraction}
-CASTS = {"iters": int, "init": str, "outlier_frac": float}
+def validate(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
+    return no_effect(given, ["percdamp"], opts["init"] == "gptq", "init is gptq (--init gptq)")
 
 
 # ---------------------------------------------------------------------------

@@ -30,12 +30,14 @@ i = 0 is plain min-max, so the search is never worse in that norm.
 import numpy as np
 
 from refq.errors import RefqError
+from refq.options import BITS, GROUP_SIZE, MSE, SYM, defaults
 
 GRID = 100
 MAXSHRINK = 0.8
 NORM = 2.4
 
-DEFAULTS = {"bits": 4, "group_size": None, "sym": False, "mse": False}
+OPTIONS = (BITS, GROUP_SIZE, SYM, MSE)          # refq/options.py
+DEFAULTS = defaults(OPTIONS)
 
 _FP16_TINY = float(np.float16(2.0 ** -24))  # smallest positive float16 (subnormal)
 _FP16_MAX = float(np.finfo(np.float16).max)

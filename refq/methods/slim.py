@@ -76,69 +76,55 @@ from numba import njit
 from refq.errors import RefqError
 from refq.methods import sparsity as sp
 from refq.methods.rtn import group_bounds
+from refq.options import BITS, BLOCKSIZE, PERCDAMP, Option, defaults, no_effect
 
-SLIM_QUANT_DEFAULTS = {"bits": 4, "act_weighted": False}
-SLIM_DEFAULTS = {"bits": 4, "act_weighted": False, "sparsity": "2:4", "pruner": "wanda", "rank": None,
-                 "rank_ratio": 0.1, "adapter_bits": None, "adapter_group_size": 128,
-                 "refit": True, "percdamp": 0.01, "blocksize": 128}
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
+
+SLIM_QUANT_OPTIONS = (
+    BITS,
+    Option("act_weighted", "bool", False, "weight |W| by the input's mean square in the "
+           "clip search (refq's option, not in the paper; needs the Hessian)"),
+)
+SLIM_OPTIONS = (
+    SLIM_QUANT_OPTIONS[0].but(range="[2, 8]", also={16: 16},
+                              help="bits per kept weight; 16: kept values in fp16, not quantized"),
+    SLIM_QUANT_OPTIONS[1],
+    sp.SPARSITY,
+    Option("pruner", "choice", "wanda", "how the sparsity mask is chosen", choices=PRUNERS),
+    Option("rank", "int", None, "rank of the low-rank adapters L R (0: no adapters)",
+           range="[0, inf)", none="int(rank_ratio * min(out, in))"),
+    Option("rank_ratio", "float", 0.1, "adapter rank as a fraction of min(out, in), when "
+           "--rank is not given", range="[0, 1]"),
+    Option("adapter_bits", "int", None, "bits of the quantized adapters (symmetric, groups of "
+           "--adapter-group-size)", range="[2, 8]", none="fp16 adapters", also={0: None, 16: None}),
+    Option("adapter_group_size", "int", 128, "values per scale of the quantized adapters "
+           "(needs --adapter-bits)", range="[1, inf)"),
+    Option("refit", "bool", True, "re-quantize mask * (W - L R) after the adapters, kept "
+           "only if it lowers the layer loss"),
+    PERCDAMP.but(help=PERCDAMP.help + " (pruner sparsegpt)"),
+    BLOCKSIZE.but(help=BLOCKSIZE.help + " (pruner sparsegpt)"),
+)
+SLIM_QUANT_DEFAULTS = defaults(SLIM_QUANT_OPTIONS)
+SLIM_DEFAULTS = defaults(SLIM_OPTIONS)
 
 _FP16_TINY = float(np.float16(2.0 ** -24))
 
 
-# ---------------------------------------------------------------------------
-# options
-# ---------------------------------------------------------------------------
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _check_pruner(v):
-    if v not in PRUNERS:
-        return f"must be one of {', '.join(PRUNERS)}, got {v!r}"
-
-
-def _check_rank(v):
-    if v is not None and (not _is_int(v) or v < 0):
-        return f"must be None or an integer >= 0, got {v!r}"
-
-
-def _check_rank_ratio(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= v <= 1.0:
-        return f"must be a number in [0, 1], got {v!r}"
-
-
-def _check_adapter_bits(v):
-    if v is not None and (not _is_int(v) or not (v == 0 or 2 <= v <= 8 or v == 16)):
-        return f"must be None/0/16 (fp16 adapters) or an integer in 2..8, got {v!r}"
-
-
-def _check_adapter_group_size(v):
-    if not _is_int(v) or v < 1:
-        return f"must be a positive integer, got {v!r}"
-
-
-def _check_bool(v):
-    if not isinstance(v, (bool, np.bool_)):
-        return f"must be True or False, got {v!r}"
-
-
-SLIM_CHECKS = {"bits": sp.check_bits16, "sparsity": sp.check_sparsity, "pruner": _check_pruner,
-               "rank": _check_rank, "rank_ratio": _check_rank_ratio,
-               "adapter_bits": _check_adapter_bits,
-               "adapter_group_size": _check_adapter_group_size, "refit": _check_bool,
-               "act_weighted": _check_bool}
-SLIM_QUANT_CHECKS = {"act_weighted": _check_bool}
-SLIM_CASTS = {"sparsity": sp.cast_sparsity, "pruner": str, "act_weighted": bool,
-              "rank": lambda v: None if v is None else int(v), "rank_ratio": float,
-              "adapter_bits": lambda v: None if not v or v == 16 else int(v),
-              "adapter_group_size": int, "refit": bool}
-
-
-def validate_slim(opts):
+def validate_slim(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
     if opts["pruner"] == "sparsegpt" and opts["sparsity"] == "2:4" and opts["blocksize"] % 4:
         return f"blocksize must be a multiple of 4 for 2:4 sparsity, got {opts['blocksize']}"
+    no_adapters = opts["rank"] == 0 or (opts["rank"] is None and opts["rank_ratio"] == 0)
+    return (no_effect(given, ["percdamp", "blocksize"], opts["pruner"] == "sparsegpt",
+                      "pruner is sparsegpt (--pruner sparsegpt)")
+            or no_effect(given, ["rank_ratio"], opts["rank"] is None, "rank is none (--rank none)")
+            or no_effect(given, ["adapter_bits", "adapter_group_size", "refit"], not no_adapters,
+                         "there are adapters (--rank > 0 or --rank-ratio > 0)")
+            or no_effect(given, ["adapter_group_size"], opts["adapter_bits"] is not None,
+                         "the adapters are quantized (--adapter-bits)")
+            or no_effect(given, ["act_weighted"], opts["bits"] != 16,
+                         "the kept weights are quantized (--bits below 16)"))
 
 
 def adapter_rank(shape, rank, rank_ratio, name=""):

@@ -74,56 +74,41 @@ from numba import njit
 from refq.errors import RefqError
 from refq.methods.gptq import inverse_cholesky
 from refq.methods.rtn import find_params
+from refq.options import BITS, BLOCKSIZE, PERCDAMP, SYM, Option, defaults, no_effect
 
-DEFAULTS = {"sparsity": "2:4", "bits": 16, "sym": False}
-SPARSEGPT_DEFAULTS = dict(DEFAULTS, percdamp=0.01, blocksize=128)
+SPARSITY = Option("sparsity", "float", "2:4", "'2:4' (2 of every 4 consecutive inputs kept), "
+                  "or the fraction p of each row's weights pruned", range="(0, 1)",
+                  also={"2:4": "2:4"})
+OPTIONS = (
+    SPARSITY,
+    BITS.but(default=16, also={16: 16},
+             help="bits of the kept weights (a min-max grid per row); 16: kept in fp16"),
+    SYM.but(help=SYM.help + "; with --bits below 16"),
+)
+SPARSEGPT_OPTIONS = OPTIONS + (PERCDAMP, BLOCKSIZE)
+DEFAULTS = defaults(OPTIONS)
+SPARSEGPT_DEFAULTS = defaults(SPARSEGPT_OPTIONS)
 
 
 # ---------------------------------------------------------------------------
 # options
 # ---------------------------------------------------------------------------
 def parse_sparsity(v):
-    """'2:4' -> ("2:4", 0.5); a fraction p in (0, 1) -> ("unstructured", p); else None."""
-    if isinstance(v, str):
-        s = v.strip()
-        if s == "2:4":
-            return "2:4", 0.5
-        try:
-            v = float(s)
-        except ValueError:
-            return None
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        return None
-    v = float(v)
-    if not 0.0 < v < 1.0:
-        return None
-    return "unstructured", v
+    """A validated `sparsity` -> ("2:4", 0.5) or ("unstructured", p)."""
+    return ("2:4", 0.5) if v == "2:4" else ("unstructured", float(v))
 
 
-def check_sparsity(v):
-    if parse_sparsity(v) is None:
-        return f"must be '2:4' or a fraction 0 < p < 1 (unstructured), got {v!r}"
+def validate(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
+    return no_effect(given, ["sym"], opts["bits"] != 16, "the kept weights are quantized "
+                     "(--bits below 16)")
 
 
-def cast_sparsity(v):
-    pattern, p = parse_sparsity(v)
-    return "2:4" if pattern == "2:4" else p
-
-
-def check_bits16(v):
-    """bits: 2..8 (codes on a grid) or 16 (kept values stored in fp16)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) \
-            or not (2 <= v <= 8 or v == 16):
-        return f"must be an integer in 2..8, or 16 for fp16 values, got {v!r}"
-
-
-def validate_sparsegpt(opts):
+def validate_sparsegpt(opts, given=()):
     if opts["sparsity"] == "2:4" and opts["blocksize"] % 4:
         return f"blocksize must be a multiple of 4 for 2:4 sparsity, got {opts['blocksize']}"
-
-
-CHECKS = {"sparsity": check_sparsity, "bits": check_bits16}
-CASTS = {"sparsity": cast_sparsity}
+    return validate(opts, given)
 
 
 def check_shape(shape, pattern, name=""):

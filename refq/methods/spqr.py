@@ -75,45 +75,37 @@ from numba import njit
 from refq.errors import RefqError
 from refq.methods.gptq import inverse_cholesky
 from refq.methods.rtn import find_params
+from refq.options import ACT_ORDER, BITS, GROUP_SIZE, PERCDAMP, SYM, Option, defaults, no_effect
 
 _FP16_TINY = float(np.float16(2.0 ** -24))
 
-DEFAULTS = {"bits": 3, "group_size": 16, "sym": False, "act_order": True, "percdamp": 0.01,
-            "qq_bits": 3, "qq_group_size": 16, "outlier_threshold": 0.2, "leave_one_out": True}
+OPTIONS = (
+    BITS.but(default=3),
+    GROUP_SIZE.but(default=16, none=None, help="input columns per group (small groups: 8-32)"),
+    SYM,
+    ACT_ORDER.but(default=True),
+    PERCDAMP,
+    Option("qq_bits", "int", 3, "bits of the quantized group statistics (scales and zeros)",
+           range="[1, 8]", none="fp16 scales and integer zeros, as GPTQ"),
+    Option("qq_group_size", "int", 16, "rows per second-level group of the statistics "
+           "(needs --qq-bits)", range="[1, inf)"),
+    Option("outlier_threshold", "float", 0.2, "tau: a weight whose removal lowers its group's "
+           "error by more than tau times the mean is an outlier (inf: no outliers)",
+           range="(0, inf]"),
+    Option("leave_one_out", "bool", True, "fit each group's grid without its likely outliers"),
+)
+DEFAULTS = defaults(OPTIONS)
 
 BLOCKSIZE = 128
 
 
-def _check_qq_bits(v):
-    if v is not None and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
-                          or not 1 <= v <= 8):
-        return f"must be None (fp16 scales) or an integer in 1..8, got {v!r}"
-
-
-def _check_pos_int(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
-        return f"must be a positive integer, got {v!r}"
-
-
-def _check_threshold(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or math.isnan(v) or v <= 0:
-        return f"must be a number > 0 (inf: no outliers), got {v!r}"
-
-
-def _check_group_size(v):
-    return _check_pos_int(v)
-
-
-def _check_bool(v):
-    if not isinstance(v, (bool, np.bool_)):
-        return f"must be True or False, got {v!r}"
-
-
-CHECKS = {"leave_one_out": _check_bool, "qq_bits": _check_qq_bits, "qq_group_size": _check_pos_int,
-          "outlier_threshold": _check_threshold, "group_size": _check_group_size}
-CASTS = {"qq_bits": lambda v: None if v is None else int(v), "qq_group_size": int,
-         "outlier_threshold": float, "leave_one_out": bool, "group_size": int}
+def validate(opts, given=()):
+    """Checks across options (refq.api.validate_options calls it; `given`: the
+    options set explicitly on the command line). -> error text or None."""
+    return (no_effect(given, ["qq_group_size"], opts["qq_bits"] is not None,
+                      "the statistics are quantized (--qq-bits)")
+            or no_effect(given, ["leave_one_out"], math.isfinite(opts["outlier_threshold"]),
+                         "there are outliers (finite --outlier-threshold)"))
 
 
 # ---------------------------------------------------------------------------

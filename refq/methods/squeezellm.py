@@ -50,36 +50,23 @@ import numpy as np
 
 from refq.errors import RefqError
 from refq.methods.kmeans1d import kmeans1d, nearest_centroid
+from refq.options import BITS, Option, defaults
 
 SENSITIVITY = {
     # name -> fn(W (out, in) float64, H (in, in) float64) -> (out, in) float64 >= 0
     "hessian_diag": lambda W, H: np.broadcast_to(np.maximum(np.diag(H), 0.0), W.shape),
 }
 
-DEFAULTS = {"bits": 3, "outlier_iqr": math.inf, "sensitive_frac": 0.0,
-            "sensitivity": "hessian_diag"}
-
-
-def _check_iqr(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or math.isnan(v) or v <= 0:
-        return f"must be a number > 0 (inf: no range outliers), got {v!r}"
-
-
-def _check_sensitivity(v):
-    if v not in SENSITIVITY:
-        return f"must be one of {sorted(SENSITIVITY)}, got {v!r}"
-
-
-def _check_fraction(v):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(v) or not 0 <= v < 1:
-        return f"must be a number in [0, 1), got {v!r}"
-
-
-CHECKS = {"outlier_iqr": _check_iqr, "sensitive_frac": _check_fraction,
-          "sensitivity": _check_sensitivity}
-CASTS = {"outlier_iqr": float, "sensitive_frac": float, "sensitivity": str}
+OPTIONS = (
+    BITS.but(default=3, help="bits per code (a table of 2^bits fp16 values per row)"),
+    Option("outlier_iqr", "float", math.inf, "r: weights beyond the quartiles by r times the "
+           "interquartile range are kept as fp16 outliers (inf: none)", range="(0, inf]"),
+    Option("sensitive_frac", "float", 0.0, "fraction of the weights of largest sensitivity "
+           "kept as fp16 outliers (0: none)", range="[0, 1)"),
+    Option("sensitivity", "choice", "hessian_diag", "weights of the per-row k-means",
+           choices=tuple(SENSITIVITY)),
+)
+DEFAULTS = defaults(OPTIONS)
 
 
 def iqr_outliers(W, r):
