@@ -220,7 +220,7 @@ def cmd_quantize(args):
         print(args.parser.format_help() + ("\n" + method_help(args.method) if args.method else ""))
         return 0
     _check_method(args.method)
-    if not args.out:
+    if args.out is None:
         raise RefqError("--out: required (the output folder)")
     check_seed(args.seed)
     for flag, v, low in (("--nsamples", args.nsamples, 1), ("--seqlen", args.seqlen, 2),

@@ -505,7 +505,7 @@ NUMBER_CASES = [
     (["eval", "--ctx", "1"], "--ctx 1"),
     (["eval", "--max-tokens", "1"], "--max-tokens 1"),
     (["eval", "--ctx", "300"], "--ctx 300"),              # windows of 300 > 256 positions
-    (["quantize", "--seed", "-1"], "--seed -1"),
+    (["quantize", "--seed", "-1"], ["--seed", "got -1"]),   # argparse's usage error
     (["quantize", "--nsamples", "0"], "--nsamples 0"),
     (["quantize", "--seqlen", "1"], "--seqlen 1"),
     (["quantize", "--seqlen", "300"], "--seqlen 300"),    # > max_position_embeddings 256
@@ -525,7 +525,8 @@ def test_numbers_out_of_range(tiny, tmp_path, capsys, args, name):
         if cmd == "eval":
             full += ["--text", tiny["calib"]]
     rc, o, err = cli(capsys, *full)
-    assert_clean_error(rc, o, err, [name], outdir=out, case=" ".join(args))
+    assert_clean_error(rc, o, err, name if isinstance(name, list) else [name], outdir=out,
+                       case=" ".join(args))
 
 
 def test_generate_stops_at_max_position_embeddings(tiny, capsys):
