@@ -13,13 +13,21 @@ class KmeansPort:
         self.f = np.dtype(dtype)
 
     def step_kmeans1d(self, x, k):
-        xs = np.sort(np.asarray(x, self.f))
-        u, cnt = np.unique(xs, return_counts=True)         # equal values share a cluster
+        return self.step_weighted_kmeans1d(x, np.ones(len(x)), k)
+
+    def step_weighted_kmeans1d(self, x, weights, k):
+        """SqueezeLLM eq. 4 (and CLAQ's with unit weights): the same DP, weighted sums."""
+        x = np.asarray(x, self.f)
+        w = np.asarray(weights, self.f)
+        if not np.any(w > 0):
+            w = np.ones_like(w)
+        u, inv = np.unique(x, return_inverse=True)          # equal values share a cluster
+        cnt = np.bincount(inv, weights=w).astype(self.f)    # summed weights
         d = u.size
         if d <= k:
             return {"centroids": np.concatenate([u, np.full(k - d, u[-1], self.f)])}
         # centred prefix sums (fewer cancellations in float32)
-        mu = self.f.type(np.mean(xs))
+        mu = self.f.type(np.sum(cnt * u) / np.sum(cnt))
         v = u - mu
         P0 = np.concatenate([[0], np.cumsum(cnt.astype(self.f))]).astype(self.f)
         P1 = np.concatenate([[0], np.cumsum(cnt * v)]).astype(self.f)
@@ -27,7 +35,9 @@ class KmeansPort:
 
         def cost(i, j):                                     # values [i, j), vectorised over i
             s0, s1 = P0[j] - P0[i], P1[j] - P1[i]
-            return np.maximum((P2[j] - P2[i]) - s1 * s1 / s0, 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                c = (P2[j] - P2[i]) - s1 * s1 / s0
+            return np.where(s0 > 0, np.maximum(c, 0), 0)    # a cluster of zero weight costs 0
 
         D = np.full((k, d + 1), np.inf, self.f)
         T = np.zeros((k, d + 1), np.int64)
@@ -43,9 +53,28 @@ class KmeansPort:
             j = T[m, j]
             starts.append(j)
         bounds = [0] + starts[::-1] + [d]
-        cents = np.array([np.sum(cnt[a:b] * u[a:b]) / np.sum(cnt[a:b])
-                          for a, b in zip(bounds[:-1], bounds[1:])], self.f)
+        cents = np.array([np.sum(cnt[a:b] * u[a:b]) / np.sum(cnt[a:b]) if np.sum(cnt[a:b]) > 0
+                          else np.mean(u[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], self.f)
         return {"centroids": cents}
+
+
+class ClaqPort(KmeansPort):
+    """CLAQ §3.2-3.3: adaptive precision (eq. 6-7) and outlier reservation, plus the k-means."""
+
+    def step_claq_allocate_bits(self, scores, bits):
+        n = len(scores)
+        lo, frac = (2, (bits - 2) / 2) if bits < 3 else (3, bits - 3)
+        n_hi = int(np.floor(frac * n + 0.5))
+        out = np.full(n, lo)
+        out[np.argsort(-np.asarray(scores), kind="stable")[:n_hi]] = 4   # ties: lower index
+        return {"column_bits": out}
+
+    def step_claq_outliers(self, w, n_res):
+        order = np.argsort(np.asarray(w, self.f), kind="stable")
+        keep = np.zeros(len(w), bool)
+        keep[order[:n_res]] = True
+        keep[order[len(w) - n_res:]] = True
+        return {"reserved": keep}
 
 
 class KmeansLloydShort(KmeansPort):
@@ -105,3 +134,29 @@ class AqlmCodebookPort:
         if self.transpose:                                  # injected bug
             C = theta.reshape(M, g, nc).transpose(0, 2, 1)
         return {"codebooks": C}
+
+
+class MaskPort:
+    """2:4 masks.  Wanda (Sun et al. 2024) eq. 1: score |W_ij| ||X_j||, with ||X_j||² ∝ H_jj;
+    SparseGPT (Frantar & Alistarh 2023) eq. 7: w² / [H^-1]_jj = (w / U_jj)².  In every row and
+    group of 4 columns keep the 2 largest scores (a stable sort keeps the lower column on ties)."""
+
+    def __init__(self, dtype=np.float32):
+        self.f = np.dtype(dtype)
+
+    @staticmethod
+    def _keep(score):
+        out, n = score.shape
+        g = score.reshape(out, n // 4, 4)
+        order = np.argsort(-g, axis=2, kind="stable")[:, :, :2]
+        keep = np.zeros(g.shape, bool)
+        np.put_along_axis(keep, order, True, axis=2)
+        return keep.reshape(out, n)
+
+    def step_wanda_mask_2of4(self, W, H):
+        W, H = W.astype(self.f), H.astype(self.f)
+        return {"keep": self._keep(np.abs(W) * np.sqrt(np.maximum(np.diag(H), 0))[None, :])}
+
+    def step_sparsegpt_mask_2of4(self, W, d):
+        W, d = W.astype(self.f), d.astype(self.f)
+        return {"keep": self._keep((W / d[None, :]) ** 2)}

@@ -145,6 +145,29 @@ def test_shipped_suite_verifies(method):
 
 
 # --------------------------------------------------------------------------- the steps are refq's
+def test_sparsegpt_and_squeezellm_steps_are_refq_state():
+    """trace_sparsegpt replays refq's sweep with refq's block function: its result equals
+    refq's; each squeezellm k-means, rounded to float16, is the row's stored table."""
+    from refq.api import quantize_weight, validate_options
+    for method in ("sparsegpt", "squeezellm"):
+        for label, inp, given in golden.CASES[method]:
+            if inp == spec.R:
+                continue
+            d, _ = golden.make_synthetic(inp)
+            opts = validate_options(method, dict(given))
+            q = quantize_weight(d["W"], d["H"], method, **opts)
+            if method == "sparsegpt":
+                st, res = steps.trace_sparsegpt(d["W"], d["H"], opts)
+                assert np.array_equal(res["W_c"].astype(np.float16).astype(np.float32),
+                                      q.dequantize()), label
+                assert len(st) == 2
+            else:
+                for s in steps.trace_squeezellm(np.asarray(d["W"], np.float64), d["H"], opts):
+                    r = int(s["id"].split("row")[1])
+                    c = steps.KINDS["weighted_kmeans1d"].reference(s["inputs"], s["params"])
+                    assert np.array_equal(np.sort(c["centroids"].astype(np.float16)), q.lut[r])
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq"])
 def test_step_traces_replay_refq_bit_for_bit(method):
     """Each trace_<method> replays refq's algorithm and records its state; the replay must

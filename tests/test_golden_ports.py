@@ -74,14 +74,19 @@ def test_float64_port_agrees_more_tightly(gptq32, gptq64):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kmeans_and_aqlm_ports_pass(dtype):
-    res = run(gp.KmeansPort(dtype), methods=["claq"])
+def test_kmeans_aqlm_and_mask_ports_pass(dtype):
+    res = run(gp.ClaqPort(dtype), methods=["claq", "squeezellm"])
     res.update(run(gp.AqlmCodebookPort(dtype), methods=["aqlm"]))
-    assert len(res) == 6
+    res.update(run(gp.MaskPort(dtype), methods=["wanda", "sparsegpt"]))
+    assert len(res) == 15
+    kinds = set()
     for name, r in res.items():
         assert r["ok"], (name, r["error"])
         assert r["tiers"]["steps"]["status"] == "pass"
         assert r["tiers"]["decode"]["status"] == r["tiers"]["e2e"]["status"] == "not checked"
+        kinds |= {k.split("(")[1][:-1] for k in r["tiers"]["steps"]["checks"]}
+    assert kinds == {"kmeans1d", "claq_allocate_bits", "claq_outliers", "weighted_kmeans1d",
+                     "aqlm_codebooks", "wanda_mask_2of4", "sparsegpt_mask_2of4"}
 
 
 # --------------------------------------------------------------------------- injected bugs

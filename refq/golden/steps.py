@@ -376,9 +376,98 @@ class AqlmCodebooks(Kind):
                                          f"+{tol:.3g})"), err=lg - lr, tol=tol)
 
 
+def _judge_2of4(score, R, C):
+    """keep masks (out, n) bool, groups of 4 columns: exactly 2 kept per group; equal to refq's
+    except where the scores of a kept and a dropped weight are within float32 rounding."""
+    out, n = R.shape
+    G = n // 4
+    Rg, Cg = R.reshape(out, G, 4), C.reshape(out, G, 4)
+    sg = score.reshape(out, G, 4)
+    two = Cg.sum(axis=2) == 2
+    diff = np.any(Rg != Cg, axis=2)
+    # a differing group is fine when the port's 2nd kept score ties refq's 2nd kept score
+    kept_min = lambda K: np.min(np.where(K, sg, np.inf), axis=2)     # noqa: E731
+    tie = np.abs(kept_min(Cg) - kept_min(Rg)) <= 8 * U32 * np.max(sg, axis=2)
+    bad = ~two | (diff & ~tie)
+    nb = int(bad.sum())
+    if nb:
+        r, g = map(int, np.argwhere(bad)[0])
+        return _msg(False, f"{nb} of {out * G} groups of 4 differ (first: row {r}, columns "
+                           f"{4 * g}..{4 * g + 3}: kept {np.flatnonzero(Cg[r, g]).tolist()}, "
+                           f"expected {np.flatnonzero(Rg[r, g]).tolist()})")
+    return _msg(True, f"{out * G} groups of 4 equal ({int((diff & tie).sum())} ties)")
+
+
+class WandaMask2of4(Kind):
+    name = "wanda_mask_2of4"
+    doc = ("Wanda 2:4: W (out, in), H (in, in) -> keep (out, in) bool: score |W_rc| sqrt(H_cc) "
+           "(Wanda eq. 1 with ||X_c|| proportional to sqrt(H_cc)); in every row and every group "
+           "of 4 consecutive columns keep the 2 largest scores, a tie keeps the lower column.")
+
+    def reference(self, inputs, params):
+        from refq.methods.sparsity import wanda_mask
+        return {"keep": wanda_mask(inputs["W"], inputs["H"], "2:4", 0.5)}
+
+    def judge(self, inputs, params, ref, got):
+        from refq.methods.sparsity import wanda_scores
+        C = _arr(got, "keep", ref["keep"].shape).astype(bool)
+        return _judge_2of4(wanda_scores(inputs["W"], inputs["H"]), ref["keep"], C)
+
+
+class SparsegptMask2of4(Kind):
+    name = "sparsegpt_mask_2of4"
+    doc = ("SparseGPT 2:4, one group: W (out, 4) the group's 4 columns as the sweep holds them "
+           "when it reaches the group (updated by every earlier column), d (4,) their diagonal "
+           "entries of U -> keep (out, 4) bool: the 2 largest w^2 / d^2 per row (SparseGPT eq. 7), "
+           "a tie keeps the lower column.")
+
+    def reference(self, inputs, params):
+        from refq.methods.sparsity import keep_2_of_4
+        score = inputs["W"] ** 2 / inputs["d"][None, :] ** 2
+        return {"keep": keep_2_of_4(np.ascontiguousarray(score))}
+
+    def judge(self, inputs, params, ref, got):
+        C = _arr(got, "keep", ref["keep"].shape).astype(bool)
+        return _judge_2of4(inputs["W"] ** 2 / inputs["d"][None, :] ** 2, ref["keep"], C)
+
+
+class WeightedKmeans1d(Kmeans1d):
+    name = "weighted_kmeans1d"
+    doc = ("SqueezeLLM: the EXACT weighted 1-D k-means of a row.  x (m,) the row without its "
+           "outliers, weights (m,) >= 0 (the sensitivities, refq: diag H), k -> centroids (k,) "
+           "minimizing sum weights (x - nearest)^2 (a port may return them in any order).  "
+           "SqueezeLLM then rounds them to float16 and sorts them.")
+
+    def reference(self, inputs, params):
+        from refq.methods.kmeans1d import kmeans1d, kmeans_cost
+        c, lab = kmeans1d(inputs["x"], int(params["k"]), weights=inputs["weights"])
+        return {"centroids": c,
+                "cost": np.array(kmeans_cost(inputs["x"], c, lab, inputs["weights"]))}
+
+    def judge(self, inputs, params, ref, got):
+        from refq.methods.kmeans1d import nearest_centroid
+        k = int(params["k"])
+        x, w = inputs["x"], inputs["weights"]
+        if not np.any(w > 0):
+            w = np.ones_like(x)
+        c = np.sort(_arr(got, "centroids", (k,), "float").astype(np.float64))
+        cost = float(np.sum(w * (x - c[nearest_centroid(x, c)]) ** 2))
+        rc = float(ref["cost"])
+        m = x.size
+        delta = 8 * m * U32 * float(np.max(np.abs(x)))
+        xbar = float(np.sum(w * x) / np.sum(w))
+        tol = float(np.sum(w)) * delta ** 2 + 4 * m * U32 * 1e-3 * float(np.sum(w * (x - xbar) ** 2)) \
+            + 1e-300
+        dc = float(np.max(np.abs(c - ref["centroids"])))
+        return dict(_msg(cost <= rc + tol, f"weighted cost {cost:.9g} vs refq's optimum {rc:.9g} "
+                                           f"(tolerance +{tol:.3g}); max centroid difference "
+                                           f"{dc:.3g}"), err=cost - rc, tol=tol)
+
+
 KINDS = {k.name: k for k in (DampedInverseCholesky(), UniformGrid(), UniformCodes(),
                              GptqBlockUpdate(), Kmeans1d(), ClaqAllocateBits(), ClaqOutliers(),
-                             AqlmCodebooks())}
+                             AqlmCodebooks(), WandaMask2of4(), SparsegptMask2of4(),
+                             WeightedKmeans1d())}
 
 
 # ============================================================================ traces
@@ -577,6 +666,73 @@ def trace_aqlm(W, H, opts, q):
                   shared={"W": "W", "H": "H"})]
 
 
+def trace_wanda(W, H, opts):
+    """Wanda's 2:4 mask of the whole layer (2:4 cases only)."""
+    if opts.get("sparsity") not in ("2:4", None):
+        return []
+    return [_step("mask", "wanda_mask_2of4", {"W": np.asarray(W, np.float64), "H": H}, {},
+                  shared={"W": "W", "H": "H"})]
+
+
+def trace_sparsegpt(W, H, opts):
+    """Replay refq's SparseGPT sweep (refq.methods.sparsity.sparsegpt_prune) block by block
+    with refq's own block function, recording the 2:4 choice of the first group of the first
+    block and of the block holding the middle column (the state when the sweep reaches it).
+    -> (steps, {"keep", "W_c"})."""
+    from refq.methods.sparsity import _sparsegpt_block, row_grid
+    out, n = W.shape
+    if opts.get("sparsity") != "2:4":
+        return [], None
+    W = np.array(W, dtype=np.float64)
+    H = np.array(H, dtype=np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, _, _ = inverse_cholesky(H, opts["percdamp"])
+    bits = opts["bits"]
+    quant = bits < 16
+    if quant:
+        scale, zero = row_grid(np.asarray(W, np.float64), bits, opts["sym"])
+        maxq = 2 ** bits - 1
+    else:
+        scale = zero = np.zeros(out)
+        maxq = 0
+    scale = np.ascontiguousarray(scale, dtype=np.float64)
+    zero = np.ascontiguousarray(zero, dtype=np.float64)
+    bs = opts["blocksize"]
+    Wt = np.ascontiguousarray(W.T)
+    keep_t = np.ones((n, out), dtype=np.bool_)
+    codes_t = np.zeros((n, out), dtype=np.uint8)
+    Err = np.zeros((min(bs, n), out))
+    steps, record = [], set(_spots(n, bs))
+    for b0 in range(0, n, bs):
+        b1 = min(b0 + bs, n)
+        if b0 in record:
+            steps.append(_step(f"group-col{b0}", "sparsegpt_mask_2of4",
+                               {"W": Wt[b0:b0 + 4].T.copy(), "d": np.diag(U)[b0:b0 + 4].copy()},
+                               {}))
+        _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant, True, b0, b1)
+        if b1 < n:
+            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+    return steps, {"keep": keep_t.T.copy(), "W_c": Wt.T.copy()}
+
+
+def trace_squeezellm(W, H, opts):
+    """The weighted k-means of the first and the middle row, with the row's outliers left
+    out, as refq.methods.squeezellm.quantize_squeezellm runs it."""
+    from refq.methods.squeezellm import SENSITIVITY, iqr_outliers, sensitive_outliers
+    W = np.asarray(W, np.float64)
+    out, n = W.shape
+    F = np.asarray(SENSITIVITY[opts["sensitivity"]](W, H), dtype=np.float64)
+    M = iqr_outliers(W, opts["outlier_iqr"]) | sensitive_outliers(W, F, opts["sensitive_frac"])
+    steps = []
+    for r in sorted({0, out // 2}):
+        keep = ~M[r] if not M[r].all() else np.ones(n, dtype=bool)
+        steps.append(_step(f"kmeans-row{r}", "weighted_kmeans1d",
+                           {"x": W[r, keep], "weights": F[r, keep]}, {"k": 2 ** opts["bits"]}))
+    return steps
+
+
 def case_steps(method, W, H, opts, q):
     """The teacher-forced steps of one case -> list of {"id", "kind", "inputs", "params"}."""
     if method == "rtn":
@@ -587,13 +743,17 @@ def case_steps(method, W, H, opts, q):
         return trace_claq(W, H, opts)[0]
     if method == "aqlm":
         return trace_aqlm(W, H, opts, q)
+    if method == "wanda":
+        return trace_wanda(W, H, opts)
+    if method == "sparsegpt":
+        return trace_sparsegpt(W, H, opts)[0]
+    if method == "squeezellm":
+        return trace_squeezellm(W, H, opts)
     return []
 
 
 # Sub-steps the issue lists that are not in the steps tier yet (GOLDEN.md says so):
 NOT_YET = ["AQLM: one beam-search pass given codebooks",
            "SpQR: a group's outliers and bilevel statistics",
-           "SqueezeLLM: a row's weighted k-means",
            "QuantEase: one coordinate-descent sweep",
-           "SparseGPT / Wanda: a 2:4 mask",
            "SLiM: the alpha search and the adapter SVD"]
