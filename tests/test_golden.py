@@ -1,8 +1,10 @@
-"""Golden suite (refq/golden.py, GOLDEN.md): the shipped data/golden/ verifies
-against the current code; verify catches one-code / one-centroid / one-scale
-mutations and names the field; bad fixtures fail per case; write is
-byte-identical twice and across NUMBA_NUM_THREADS=1/2; the standalone example
-loader works with numpy + safetensors only."""
+"""Golden suite v2 (refq/golden/, GOLDEN.md) from refq's side: the shipped data/golden/
+verifies against the current code in every tier (with zero difference on the machine that
+wrote it); the steps' recorded states are refq's (each replay reproduces refq's full result
+bit for bit); the loss tolerance follows from W_hat's; verify catches one-code / one-scale /
+one-centroid mutations and names the field; bad fixtures fail per case; a version-1 suite is a
+one-line error; write is byte-identical twice and across NUMBA_NUM_THREADS=1/2; the standalone
+example loader works with numpy + safetensors only.  Ports: tests/test_golden_ports.py."""
 import filecmp
 import hashlib
 import json
@@ -18,6 +20,8 @@ from conftest import REPO, assert_one_line_error
 
 from refq import golden
 from refq.formats.packing import pack, unpack
+from refq.golden import spec, steps
+from refq.golden.write import cpu_model
 
 SHIPPED = os.path.join(REPO, "data", "golden")
 FAST = ["rtn", "gptq"]                   # methods used where a test writes a suite itself
@@ -80,20 +84,36 @@ def verify(suite, **kw):
 
 
 # --------------------------------------------------------------------------- shipped suite
+def shipped_manifest():
+    with open(os.path.join(SHIPPED, "manifest.json")) as f:
+        return json.load(f)
+
+
+def same_machine():
+    g = shipped_manifest()["generated_with"]
+    import numba
+    return (g.get("cpu") == cpu_model() and g.get("numpy") == np.__version__
+            and g.get("numba") == numba.__version__)
+
+
 def test_shipped_suite_is_small_and_complete():
     total = sum(os.path.getsize(os.path.join(d, f))
                 for d, _, fs in os.walk(SHIPPED) for f in fs)
     assert total < 5 * 2 ** 20
+    m = shipped_manifest()
+    assert m["suite_version"] == golden.SUITE_VERSION == 2
     cases = shipped_cases()
     assert {c["method"] for c in cases} == set(registered())     # every method ships cases
     for c in cases:
-        for k in ("W_hat", "loss", "y"):
-            assert k in c["fields"], (c["name"], k)
-        assert c["fields"]["W_hat"]["compare"] == "allclose"
-        for k, spec in c["fields"].items():
-            assert spec["reason"]
-            if spec["dtype"].startswith(("uint", "int")):
-                assert spec["compare"] == "exact", (c["name"], k)
+        assert set(c["outputs"]) == {"W_hat", "loss", "y"}, c["name"]
+        for k, rule in c["fields"].items():
+            assert rule["reason"]
+            if rule["dtype"].startswith(("uint", "int")):
+                assert rule["compare"] == "exact", (c["name"], k)
+    kinds = {s["kind"] for c in cases for s in c.get("steps", {}).get("list", [])}
+    assert kinds == set(steps.KINDS)                             # every step kind is exercised
+    with_neutral = {c["format"]["format"] for c in cases if c["neutral"]}
+    assert with_neutral == set(spec.NEUTRAL)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq", "quantease", "spqr", "squeezellm",
@@ -109,6 +129,138 @@ def test_shipped_suite_verifies(method):
     assert set(res) == set(names)
     bad = {n: r["error"] for n, r in res.items() if not r["ok"]}
     assert not bad, bad
+    zero = same_machine()
+    for n, r in res.items():
+        for tier in ("decode", "e2e"):
+            assert r["tiers"][tier]["status"] == "pass", (n, tier)
+        has_steps = bool(shipped_cases(method)[names.index(n)].get("steps"))
+        assert r["tiers"]["steps"]["status"] == ("pass" if has_steps else "not checked")
+        if zero:            # the machine that wrote the suite: every difference is exactly 0
+            for tier, t in r["tiers"].items():
+                for k, c in t["checks"].items():
+                    if k == "loss" and tier == "e2e":
+                        assert c["ratio"] == 1.0, (n, k, c)
+                    else:
+                        assert c.get("max_abs", 0.0) == 0.0, (n, tier, k, c)
+
+
+# --------------------------------------------------------------------------- the steps are refq's
+def test_sparsegpt_and_squeezellm_steps_are_refq_state():
+    """trace_sparsegpt replays refq's sweep with refq's block function: its result equals
+    refq's; each squeezellm k-means, rounded to float16, is the row's stored table."""
+    from refq.api import quantize_weight, validate_options
+    for method in ("sparsegpt", "squeezellm"):
+        for label, inp, given in golden.CASES[method]:
+            if inp == spec.R:
+                continue
+            d, _ = golden.make_synthetic(inp)
+            opts = validate_options(method, dict(given))
+            q = quantize_weight(d["W"], d["H"], method, **opts)
+            if method == "sparsegpt":
+                st, res = steps.trace_sparsegpt(d["W"], d["H"], opts)
+                assert np.array_equal(res["W_c"].astype(np.float16).astype(np.float32),
+                                      q.dequantize()), label
+                assert len(st) == 2
+            else:
+                for s in steps.trace_squeezellm(np.asarray(d["W"], np.float64), d["H"], opts):
+                    r = int(s["id"].split("row")[1])
+                    c = steps.KINDS["weighted_kmeans1d"].reference(s["inputs"], s["params"])
+                    assert np.array_equal(np.sort(c["centroids"].astype(np.float16)), q.lut[r])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "claq"])
+def test_step_traces_replay_refq_bit_for_bit(method):
+    """Each trace_<method> replays refq's algorithm and records its state; the replay must
+    reproduce refq's full result exactly, and each recorded step's reference (computed by
+    refq's sub-step functions) must be what refq used at that point."""
+    from refq.api import quantize_weight, validate_options
+    for label, inp, given in golden.CASES[method]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options(method, dict(given))
+        q = quantize_weight(d["W"], d["H"], method, **opts)
+        nf = golden.neutral_fields(q)
+        st, res = getattr(steps, f"trace_{method}")(d["W"], d["H"], opts)
+        if method == "rtn":
+            assert np.array_equal(res["codes"], nf["codes"])
+            continue
+        perm = res["perm"]
+        codes = np.empty((q.shape[0], q.shape[1]))
+        if method == "gptq":
+            codes[:, perm] = res["codes"]
+            assert np.array_equal(res["scales"].T.astype(np.float32), nf["scales"]), label
+            for s in (s for s in st if s["kind"] == "uniform_grid"):     # the grids refq fit
+                gi = int(s["id"].split("-")[1])
+                ref = steps.KINDS["uniform_grid"].reference(s["inputs"], s["params"])
+                assert np.array_equal(ref["scale"], res["scales"][gi]), (label, s["id"])
+                assert np.array_equal(ref["zero"], res["zeros"][gi]), (label, s["id"])
+        else:
+            codes[:, perm] = res["codes"].T
+            for s in (s for s in st if s["kind"] == "kmeans1d"):         # the codebooks refq used
+                j = int(s["id"].split("col")[1])
+                c = steps.KINDS["kmeans1d"].reference(s["inputs"], s["params"])["centroids"]
+                k = int(s["params"]["k"])
+                assert np.array_equal(np.sort(c.astype(np.float16).astype(np.float64)),
+                                      res["cents"][j, :k]), (label, s["id"])
+        assert np.array_equal(codes, nf["codes"]), label
+
+
+def test_block_update_reference_matches_refq_kernel():
+    """steps.block_update (the reference of gptq_block_update) against refq's own numba
+    loop on the same inputs: identical Err and updated weights."""
+    from refq.methods.gptq import _quantize_columns
+    rng = np.random.default_rng(0)
+    out, m, B = 6, 20, 8
+    W = rng.standard_normal((out, m))
+    A = rng.standard_normal((m, m))
+    U = np.triu(np.linalg.cholesky(np.linalg.inv(A @ A.T + m * np.eye(m))).T)
+    s, z = np.full((1, out), 0.25), np.full((1, out), 7.0)
+    Wt = np.ascontiguousarray(W.T)
+    Err = np.zeros((B, out))
+    codes_t = np.zeros((m, out), np.uint8)
+    _quantize_columns(Wt, U, Err, codes_t, s, z, np.zeros(m, np.int64), 15, 0, B, 0, B)
+    rest = Wt[B:] - U[:B, B:].T @ Err
+    e, r = steps.block_update(W, U[:B], codes_t[:B].T.astype(np.float64),
+                              np.repeat(s.T, B, 1), np.repeat(z.T, B, 1))
+    assert np.array_equal(e, Err.T) and np.array_equal(r, rest.T)
+
+
+# --------------------------------------------------------------------------- tolerances
+@pytest.mark.parametrize("case", ["rtn-w4", "gptq-w4g32-act", "claq-ap2.5-or", "aqlm-2x6g8",
+                                  "squeezellm-w3-sparse", "quantease-w3g32-outliers"])
+def test_loss_tolerance_follows_from_w_hat_tolerance(case):
+    """Any W_hat within its decode tolerance tau has a loss within the loss tolerance: random
+    perturbations and the worst one (every entry at +-tau against the gradient)."""
+    m = shipped_manifest()
+    c = next(c for c in m["cases"] if c["name"] == case)
+    inp = golden.load_safetensors(os.path.join(SHIPPED, m["inputs"][c["input"]]["file"]))
+    ref = golden.load_safetensors(os.path.join(SHIPPED, c["file"]))
+    W, H = inp["W"], inp["H"]
+    neutral = {k[8:]: v for k, v in ref.items() if k.startswith("neutral.")}
+    _, mag, k = golden.decode_neutral(c["format"], neutral)
+    tau = spec.what_tolerance(mag, k)
+    assert tau.max() > 0
+    Wh = ref["W_hat"].astype(np.float64)
+    L = float(ref["loss"])
+    tol = spec.loss_tolerance(W, Wh, H, tau)
+    E = W.astype(np.float64) - Wh
+    rng = np.random.default_rng(1)
+    worst = Wh - tau * np.sign(E @ H)                    # dL/dW_hat = -2 E H: move against it
+    for D in [worst] + [Wh + tau * rng.uniform(-1, 1, tau.shape) for _ in range(5)]:
+        Ed = W.astype(np.float64) - D
+        assert abs(float(np.sum((Ed @ H) * Ed)) - L) <= tol
+    # and the bound is not vacuous: tau scaled up by 1000 moves the loss past it
+    Ed = W.astype(np.float64) - (Wh - 1000 * tau * np.sign(E @ H))
+    assert abs(float(np.sum((Ed @ H) * Ed)) - L) > tol
+
+
+def test_relative_error_only_where_reference_is_not_zero():
+    from refq.golden.verify import compare_stored
+    ref = np.array([0.0, 1e-300, 1.0])
+    rule = {"compare": "allclose", "atol": 1e-6, "rtol": 1e-3}
+    r = compare_stored("f", np.array([1e-7, 2e-300, 1.0 + 1e-4]), rule, ref)
+    assert r["ok"] and abs(r["max_rel"] - 1e-4) < 1e-9         # not 1e-7 / 1e-300
 
 
 # --------------------------------------------------------------------------- mutations
@@ -126,9 +278,9 @@ def test_one_code_difference_is_caught(tmp_path):
     assert res["rtn-w4"]["ok"]
     r = res[case]
     assert not r["ok"]
-    assert "qweight" in r["error"] and "1 of 1536 codes" in r["error"], r["error"]
-    assert r["fields"]["qweight"]["n_diff_codes"] == 1
-    assert r["fields"]["scales"]["ok"] and r["fields"]["W_hat"]["ok"]   # the reference side was mutated
+    assert "e2e: qweight: 1 of" in r["error"], r["error"]
+    assert r["tiers"]["decode"]["checks"]["W_hat"]["n_diff"] == 1      # decoded from the stored
+    assert r["tiers"]["steps"]["status"] == "pass"
 
 
 def test_one_scale_and_one_codebook_entry_are_caught(tmp_path):
@@ -141,20 +293,43 @@ def test_one_scale_and_one_codebook_entry_are_caught(tmp_path):
     mutate(suite, "claq-b3", "codebook_3", bump)
     res = verify(suite)
     assert not res["rtn-w4g32-mse"]["ok"] and not res["claq-b3"]["ok"]
-    assert res["rtn-w4g32-mse"]["error"].startswith("scales: 1 of"), res["rtn-w4g32-mse"]["error"]
-    assert res["claq-b3"]["error"].startswith("codebook_3: 1 of"), res["claq-b3"]["error"]
+    assert "e2e: scales: 1 of" in res["rtn-w4g32-mse"]["error"], res["rtn-w4g32-mse"]["error"]
+    assert "codebook_3: 1 of" in res["claq-b3"]["error"], res["claq-b3"]["error"]
 
 
-def test_cli_verify_exit_codes_and_json(tmp_path):
+def test_mutated_step_output_is_caught(tmp_path):
+    suite = copy_suite(tmp_path, ["gptq-w4"])
+    path = os.path.join(suite, "manifest.json")
+    m = json.load(open(path))
+    entry = m["cases"][0]["steps"]
+    fpath = os.path.join(suite, entry["file"])
+    t = golden.load_safetensors(fpath)
+    t["block-0.out.Err"] = t["block-0.out.Err"].copy()
+    t["block-0.out.Err"][0, 0] *= 1.001
+    blob = golden.safetensors_bytes(t)
+    open(fpath, "wb").write(blob)
+    entry["sha256"] = hashlib.sha256(blob).hexdigest()
+    json.dump(m, open(path, "w"))
+    r = verify(suite)["gptq-w4"]
+    assert not r["ok"] and "steps: block-0 (gptq_block_update): Err: 1 of" in r["error"], r["error"]
+
+
+def test_cli_verify_exit_codes_tiers_and_json(tmp_path):
     suite = copy_suite(tmp_path, ["rtn-w4", "rtn-w3g24-sym"])
     rc, out, err = run_cli("golden", "verify", suite, "--json")
     assert rc == 0, err
-    assert json.loads(out)["passed"] is True
-    assert "PASS rtn-w4:" in err
+    j = json.loads(out)
+    assert j["passed"] is True and j["checks"] > 0
+    assert "PASS rtn-w4: decode pass" in err
+    rc, out, err = run_cli("golden", "verify", suite, "--tier", "steps", "--json")
+    assert rc == 0, err
+    assert all(set(c["tiers"]) == {"steps"} for c in json.loads(out)["cases"])
     mutate(suite, "rtn-w4", "qweight", lambda a: _flip_one_code(a, 4, 64))
     rc, out, err = run_cli("golden", "verify", suite)
     assert rc == 1
-    assert "FAIL rtn-w4: qweight: 1 of" in err and "PASS rtn-w3g24-sym" in err
+    assert "FAIL rtn-w4: decode: W_hat: 1 of" in err and "PASS rtn-w3g24-sym" in err
+    rc, out, err = run_cli("golden", "verify", suite, "--tier", "steps")   # codes not involved
+    assert rc == 0, err
 
 
 # --------------------------------------------------------------------------- bad fixtures
@@ -196,15 +371,16 @@ def test_truncated_file_with_matching_sha_is_reported(tmp_path):
     assert res[m["cases"][1]["name"]]["ok"]
 
 
-def test_unknown_suite_version(tmp_path):
-    suite = copy_suite(tmp_path, ["rtn-w4", "rtn-w3g24-sym"])
+@pytest.mark.parametrize("version,needle", [(1, "version 1 predates the tiers"),
+                                            (99, "version 99 is not readable")])
+def test_other_suite_version_is_a_one_line_error(tmp_path, version, needle):
+    suite = copy_suite(tmp_path, ["rtn-w4"])
     mpath = os.path.join(suite, "manifest.json")
     m = json.load(open(mpath))
-    m["suite_version"] = 99
+    m["suite_version"] = version
     json.dump(m, open(mpath, "w"))
-    rc, _, err = run_cli("golden", "verify", suite)
-    assert rc == 1
-    assert err.count("unknown suite 'refq-golden' version 99") == 2, err
+    rc, out, err = run_cli("golden", "verify", suite)
+    assert_one_line_error(rc, out, err, "manifest.json", needle)
 
 
 def test_missing_suite_and_bad_impl_are_one_line_errors(tmp_path):
@@ -213,51 +389,51 @@ def test_missing_suite_and_bad_impl_are_one_line_errors(tmp_path):
     suite = copy_suite(tmp_path, ["rtn-w4"])
     rc, out, err = run_cli("golden", "verify", suite, "--impl", "no_such_module_xyz:fn")
     assert_one_line_error(rc, out, err, "--impl", "no_such_module_xyz")
-    rc, out, err = run_cli("golden", "verify", suite, "--impl", "nocolon")
-    assert_one_line_error(rc, out, err, "--impl", "MODULE:FUNCTION")
+    rc, out, err = run_cli("golden", "verify", suite, "--impl", "json")
+    assert_one_line_error(rc, out, err, "--impl", "provides none of")
 
 
 # --------------------------------------------------------------------------- --impl
 IMPL = '''
 import numpy as np
-from refq.golden import refq_outputs
+from refq.golden import refq_outputs, neutral_fields, decode_neutral
 
-def good(method, W, H, options, x):
-    return refq_outputs(method, W, H, options, x, kernel="dequant")[0]
+def quantize(method, W, H, options):
+    f, q = refq_outputs(method, W, H, options, np.zeros((1, W.shape[1]), np.float32))
+    return {"W_hat": f["W_hat"], "codes": neutral_fields(q)["codes"],
+            "bits_per_weight": q.bits_per_weight}
 
-def raises(method, W, H, options):
-    if method == "gptq":
-        raise ValueError("not ported yet")
-    f = refq_outputs(method, W, H, options, np.zeros((1, W.shape[1]), np.float32))[0]
-    f.pop("y")
+def decode(fmt, fields, x):
+    W_hat = decode_neutral(fmt, fields)[0]
+    return {"W_hat": W_hat, "y": x @ W_hat.T}
+
+def worse(method, W, H, options):
+    f = quantize(method, W, H, options)
+    f["W_hat"] = f["W_hat"] * np.float32(0.9)           # 10% shrink: a much larger loss
     return f
 
-def wrong_shape(method, W, H, options):
-    f = refq_outputs(method, W, H, options, np.zeros((1, W.shape[1]), np.float32))[0]
-    f["W_hat"] = f["W_hat"][:, :-1]
-    return f
-
-def off_by_one_code(method, W, H, options, x):
-    f = refq_outputs(method, W, H, options, x)[0]
-    f["W_hat"] = f["W_hat"].copy()
-    f["W_hat"][0, 0] += f["scales"].astype(np.float32)[0, 0]
+def wrong_bits(method, W, H, options):
+    f = quantize(method, W, H, options)
+    f["bits_per_weight"] += 0.25
     return f
 '''
 
 
-def test_impl_entry_point(tmp_path, monkeypatch):
+def test_impl_entry_points(tmp_path, monkeypatch):
     (tmp_path / "myimpl.py").write_text(IMPL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    suite = copy_suite(tmp_path, ["rtn-w4", "gptq-w4"])
-    res = verify(suite, impl="myimpl:good")
-    assert all(r["ok"] for r in res.values()), res
-    res = verify(suite, impl="myimpl:raises")
-    assert "--impl raised ValueError: not ported yet" in res["gptq-w4"]["error"]
-    assert res["rtn-w4"]["ok"]                      # y not checked: raises() takes no x
-    res = verify(suite, impl="myimpl:wrong_shape")
-    assert all("W_hat: shape (" in r["error"] for r in res.values())
-    res = verify(suite, impl="myimpl:off_by_one_code")
-    assert all(r["error"].startswith("W_hat: 1 of") for r in res.values()), res
+    suite = copy_suite(tmp_path, ["rtn-w4", "gptq-w4", "claq-b3"])
+    res = verify(suite, impl="myimpl")
+    for n, r in res.items():
+        assert r["ok"], (n, r["error"])
+        assert r["tiers"]["steps"]["status"] == "not checked"
+        assert r["tiers"]["decode"]["status"] == r["tiers"]["e2e"]["status"] == "pass"
+        assert r["tiers"]["e2e"]["checks"]["codes"]["frac_diff"] == 0.0
+    res = verify(suite, impl="myimpl:worse")               # MODULE:FUNCTION = quantize
+    assert all("e2e: loss" in r["error"] and "band <= 1.02x" in r["error"]
+               for r in res.values()), res
+    res = verify(suite, impl="myimpl:wrong_bits")
+    assert all(r["error"].startswith("e2e: bits/weight") for r in res.values()), res
 
 
 # --------------------------------------------------------------------------- determinism
