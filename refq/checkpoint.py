@@ -137,6 +137,9 @@ def load_quantized_linear(ckpt, name, meta):
 
 def load_packed(folder):
     """(LlamaConfig, Checkpoint, quantization_config, {name: QuantizedWeight})."""
+    from refq.interop.foreign import foreign_method, load_foreign
+    if foreign_method(folder):          # a GPTQ / AQLM checkpoint made by another tool
+        return load_foreign(folder)
     from llama_np import Checkpoint, LlamaConfig
     _, qc = read_quantization_config(folder)
     cfg = LlamaConfig.load(folder)

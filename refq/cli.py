@@ -8,6 +8,7 @@
     refq bench kernels              time the matmul kernels (refq/kernels/bench.py)
     refq golden write|verify DIR    golden fixtures for other implementations (GOLDEN.md)
     refq compare   [--methods ...]  methods side by side: bits, perplexity, time, memory
+    refq export    CKPT --to F      write a checkpoint as GPTQ / AQLM (Hugging Face) or GGUF
 
 Human-readable output and progress bars go to stderr; with --json one JSON
 object alone goes to stdout. Exit codes: 0 ok, 1 failure, 2 bad usage or input.
@@ -164,6 +165,9 @@ def build_parser():
 
     from refq import compare      # refq compare: methods side by side
     compare.add_commands(sub)
+
+    from refq import export       # refq export: GPTQ / AQLM / GGUF layouts (FORMAT.md)
+    export.add_commands(sub)
     return p
 
 
