@@ -384,3 +384,101 @@ def test_cli_export_errors_and_imported_eval(tiny, tmp_path):
     assert rc == 0, err
     info = json.loads(out)
     assert info["quantized_linears"] == 14 and info["method"].startswith("gptq")
+
+
+# --------------------------------------------------------------------------- import of foreign checkpoints
+def codes_to_words(codes, bits):
+    """(rows, count) codes -> (rows, count*bits/32) int32, each row one little-endian
+    LSB-first bitstream (written with np.packbits, independently of refq.interop)."""
+    st = ((codes[:, :, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(len(codes), -1)
+    return np.packbits(st, axis=1, bitorder="little").view("<i4")
+
+
+def foreign_model(tmp_path, make_fields, qc):
+    """A Hugging Face folder as another tool writes it: fp16 dense tensors, quantized
+    linears as make_fields(name, out, in) -> {field: array}; config's quantization_config."""
+    from safetensors.numpy import load_file, save_file
+    folder = str(tmp_path / "foreign")
+    write_tiny_checkpoint(folder, vocab=256, hidden=64, heads=HEADS, kv_heads=KV_HEADS, ff=96,
+                          layers=2, dtype="float16")
+    t = load_file(os.path.join(folder, "model.safetensors"))
+    out = {}
+    for name, a in t.items():
+        if name.endswith("_proj.weight"):
+            out.update(make_fields(name[:-len(".weight")], *a.shape))
+        else:
+            out[name] = a
+    save_file(out, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["quantization_config"] = qc
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_import_foreign_gptq_act_order(tmp_path, fmt):
+    """A GPTQ checkpoint built here from the layout (3-bit, groups of 32, act-order g_idx,
+    asymmetric zeros): refq's import gives exactly what the layout's reader gives."""
+    from refq.checkpoint import load_packed
+    rng = np.random.default_rng(1)
+    b, g = 3, 32
+
+    def fields(name, out, n):
+        G = n // g
+        codes = rng.integers(0, 2 ** b, (n, out))                       # (in, out)
+        zeros = rng.integers(1, 2 ** b, (G, out))                       # >= 1: v1-safe
+        g_idx = rng.permutation(np.repeat(np.arange(G), g)).astype(np.int32)
+        return {name + ".qweight": codes_to_words(codes.T, b).T.copy(),
+                name + ".qzeros": codes_to_words(zeros - (fmt == "gptq"), b),
+                name + ".scales": rng.uniform(0.01, 0.1, (G, out)).astype(np.float16),
+                name + ".g_idx": g_idx}
+
+    folder = foreign_model(tmp_path, fields, {
+        "quant_method": "gptq", "bits": b, "group_size": g, "desc_act": True, "sym": False,
+        "checkpoint_format": fmt})
+    _, _, _, qws = load_packed(folder)
+    assert len(qws) == 14
+    for name, q in qws.items():
+        np.testing.assert_array_equal(q.dequantize(), read_gptq(folder, name), err_msg=name)
+        assert q.perm is not None
+    rc, out, err = run_cli("generate", "--model", folder, "--prompt", "ab", "--max-new-tokens", "3")
+    assert rc == 0, err
+
+
+def test_import_foreign_aqlm_1x16(tmp_path):
+    """An AQLM 1x16 checkpoint built here (int16 codes, negative for codes >= 2^15)."""
+    from refq.checkpoint import load_packed
+    rng = np.random.default_rng(2)
+    B, ig = 16, 8
+
+    def fields(name, out, n):
+        codes = rng.integers(0, 2 ** B, (out, n // ig, 1))
+        return {name + ".codes": np.where(codes >= 2 ** 15, codes - 2 ** 16, codes).astype(np.int16),
+                name + ".codebooks": (rng.standard_normal((1, 2 ** B, 1, ig)) * 0.1).astype(np.float16),
+                name + ".scales": rng.uniform(0.5, 2, (out, 1, 1, 1)).astype(np.float16)}
+
+    folder = foreign_model(tmp_path, fields, {
+        "quant_method": "aqlm", "in_group_size": ig, "out_group_size": 1, "num_codebooks": 1,
+        "nbits_per_codebook": B, "linear_weights_not_to_quantize": ["model.embed_tokens.weight"]})
+    _, _, _, qws = load_packed(folder)
+    for name, q in qws.items():
+        np.testing.assert_array_equal(q.dequantize(), read_aqlm(folder, name), err_msg=name)
+    rc, out, err = run_cli("info", folder, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["quantized_linears"] == 14
+
+
+def test_import_foreign_refuses_bad_tensors(tmp_path):
+    rng = np.random.default_rng(3)
+
+    def fields(name, out, n):
+        return {name + ".qweight": rng.integers(0, 9, (n * 4 // 32, out)).astype(np.int32),
+                name + ".qzeros": np.zeros((1, out * 4 // 32), np.int32),
+                name + ".scales": np.ones((1, out), np.float32)}               # not float16
+
+    folder = foreign_model(tmp_path, fields, {"quant_method": "gptq", "bits": 4,
+                                                    "group_size": -1, "sym": True})
+    text = str(tmp_path / "t.txt")
+    open(text, "w").write("abc " * 50)
+    rc, out, err = run_cli("eval", "--model", folder, "--text", text, "--json")
+    assert_one_line_error(rc, out, err, "q_proj", "float16")
