@@ -482,3 +482,37 @@ def test_import_foreign_refuses_bad_tensors(tmp_path):
     open(text, "w").write("abc " * 50)
     rc, out, err = run_cli("eval", "--model", folder, "--text", text, "--json")
     assert_one_line_error(rc, out, err, "q_proj", "float16")
+
+
+# --------------------------------------------------------------------------- SmolLM2
+@pytest.mark.parametrize("name", ["self_attn.k_proj", "mlp.down_proj"])
+def test_smollm2_layers_exact_through_gptq_and_gguf(smollm2_path, name):
+    """Real shapes (k_proj 192x576, down_proj 576x1536), GPTQ w4 g32 sym with a real H
+    of layer 0: GPTQ layout (v1) read back by the layout reader and by refq's import,
+    and Q4_0 block bytes dequantized by gguf.quants, all equal refq's weights bit for bit.
+    (The whole model is exported and checked in benchmarks/bench_export.py.)"""
+    import gguf
+
+    from llama_np import load_model
+    from refq.api import quantize_weight
+    from refq.interop import gguf_export, gptq
+    model = load_model(smollm2_path)
+    W = np.asarray(model.layers[0].linears[name].weight, np.float32)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((512, W.shape[1])).astype(np.float32)
+    q = quantize_weight(W, X.T.astype(np.float64) @ X / 512, "gptq", bits=4, group_size=32, sym=True)
+    ref = q.dequantize()
+    fields = gptq.export_layer("L", q, "gptq")
+    words = fields["L.qweight"]
+    codes = words_to_codes(words.T, 4, W.shape[1])
+    zeros = words_to_codes(fields["L.qzeros"], 4, W.shape[0]) + 1
+    g_idx = fields["L.g_idx"]
+    W_gptq = fields["L.scales"].astype(np.float32)[g_idx].T * (codes - zeros[g_idx].T).astype(np.float32)
+    np.testing.assert_array_equal(W_gptq, ref)
+    imported = gptq.import_layer("L", lambda k, optional=False: fields.get(k),
+                                 {"bits": 4, "group_size": 32}, W.shape)
+    np.testing.assert_array_equal(imported.dequantize(), ref)
+    kind, data, note = gguf_export.map_linear("L", q)
+    assert (kind, note) == ("Q4_0", None)
+    W_gguf = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_0)
+    np.testing.assert_array_equal(W_gguf, ref)
