@@ -1,7 +1,7 @@
 """Interop on SmolLM2-135M: export time and size per format, exact round trips,
 and llama.cpp's perplexity next to `refq eval --protocol llama.cpp` (BENCHMARKS.md, "Interop").
 
-    python benchmarks/bench_export.py --gptq CKPT [--work DIR]
+    python benchmarks/bench_export.py --ckpt CKPT [--label "gptq w4 g32 sym"] [--work DIR]
                                       [--llamacpp-python /tmp/llamacpp-venv/bin/python]
 
 CKPT: a refq checkpoint of SmolLM2 made with
@@ -82,7 +82,8 @@ def main():
     from refq.export import export_checkpoint
     from refq.fetch import resolve_model
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gptq", required=True)
+    ap.add_argument("--ckpt", required=True, help="refq uniform checkpoint (sym 4-bit, g 32)")
+    ap.add_argument("--label", default="gptq w4 g32 sym")
     ap.add_argument("--work", default="/tmp/refq-bench-export")
     ap.add_argument("--text", default=os.path.join(REPO, "data", "eval.txt"))
     ap.add_argument("--llamacpp-python", default=None)
@@ -95,8 +96,8 @@ def main():
         synthetic_aqlm(model, aq)
     rows = []
     print(f"# {platform.processor() or platform.machine()}, load {os.getloadavg()}", file=sys.stderr)
-    for src, to, label in ((args.gptq, "gptq", "gptq w4 g32 sym"),
-                           (args.gptq, "gguf", "gptq w4 g32 sym"),
+    for src, to, label in ((args.ckpt, "gptq", args.label),
+                           (args.ckpt, "gguf", args.label),
                            (aq, "aqlm", "aqlm 2x8 g8 (random codes)"),
                            (model, "gguf", "SmolLM2 fp32 (dense)")):
         out = os.path.join(args.work, f"{os.path.basename(src)}-{to}")
@@ -128,7 +129,7 @@ def main():
         for r in result["llamacpp"]:
             print(json.dumps(r), flush=True)
     if not args.skip_refq_eval:
-        r, secs = refq_cli("eval", "--model", args.gptq, "--reference", model, "--text", args.text,
+        r, secs = refq_cli("eval", "--model", args.ckpt, "--reference", model, "--text", args.text,
                            "--protocol", "llama.cpp", "--json")
         r["wall_seconds"] = round(secs, 1)
         result["refq_eval"] = r

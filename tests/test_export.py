@@ -516,3 +516,20 @@ def test_smollm2_layers_exact_through_gptq_and_gguf(smollm2_path, name):
     assert (kind, note) == ("Q4_0", None)
     W_gguf = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_0)
     np.testing.assert_array_equal(W_gguf, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_packing_is_one_bitstream_of_words(bits):
+    """pack_int32 against Python's big integers: a column's codes as one number
+    sum(code_i << (i*bits)), cut into 32-bit words, lowest first; and back."""
+    from refq.interop.gptq import pack_int32, unpack_int32
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2 ** bits, (64, 3))                        # (in, out)
+    words = pack_int32(codes, bits, axis=0)                            # (64*bits/32, 3)
+    assert words.dtype == np.int32 and words.shape == (64 * bits // 32, 3)
+    for j in range(3):
+        big = sum(int(c) << (i * bits) for i, c in enumerate(codes[:, j]))
+        want = [(big >> (32 * k)) & 0xFFFFFFFF for k in range(words.shape[0])]
+        assert [int(w) & 0xFFFFFFFF for w in words[:, j]] == want
+    np.testing.assert_array_equal(unpack_int32(words, bits, axis=0), codes)
+    np.testing.assert_array_equal(unpack_int32(pack_int32(codes.T, bits, 1), bits, 1), codes.T)

@@ -37,21 +37,22 @@ def pack_int32(codes, bits, axis):
     """codes (..) ints in [0, 2^bits) -> int32 words, one bitstream along `axis`.
 
     Along `axis`, the n codes become n*bits/32 words; code i sits at stream
-    bits [i*bits, (i+1)*bits), stream bit s in word s // 32 at bit s % 32.
+    bits [i*bits, (i+1)*bits), stream bit s in word s // 32 at bit s % 32
+    (little-endian words, so stream bit s is bit s % 8 of byte s // 8).
     """
-    c = np.moveaxis(np.asarray(codes, dtype=np.uint32), axis, -1)          # (..., n)
+    c = np.moveaxis(np.asarray(codes, dtype=np.int64), axis, -1)           # (..., n)
     n = c.shape[-1]
     assert (n * bits) % 32 == 0
-    stream = (c[..., None] >> np.arange(bits, dtype=np.uint32)) & 1        # (..., n, bits)
-    stream = stream.reshape(*c.shape[:-1], n * bits // 32, 32).astype(np.uint64)
-    words = (stream << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
-    return np.ascontiguousarray(np.moveaxis(words.view(np.int32), -1, axis))
+    stream = ((c[..., None] >> np.arange(bits)) & 1).astype(np.uint8)      # (..., n, bits)
+    stream = stream.reshape(*c.shape[:-1], n * bits)
+    by = np.ascontiguousarray(np.packbits(stream, axis=-1, bitorder="little"))
+    return np.ascontiguousarray(np.moveaxis(by.view("<i4"), -1, axis))
 
 
 def unpack_int32(words, bits, axis):
     """The inverse of pack_int32: int32 words -> int64 codes along `axis`."""
-    w = np.moveaxis(np.asarray(words).view(np.uint32), axis, -1)           # (..., n*bits/32)
-    stream = (w[..., None] >> np.arange(32, dtype=np.uint32)) & 1          # (..., words, 32)
+    w = np.ascontiguousarray(np.moveaxis(np.asarray(words, dtype="<i4"), axis, -1))
+    stream = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")   # (..., words*32)
     stream = stream.reshape(*w.shape[:-1], -1, bits).astype(np.int64)     # (..., n, bits)
     codes = (stream << np.arange(bits)).sum(-1)
     return np.moveaxis(codes, -1, axis)
