@@ -74,13 +74,15 @@ def _hf_folder(tmp, src, cfg, ckpt, raw_cfg, qws, to, checkpoint_format):
             tensors[name] = np.asarray(ckpt.raw(name))
     if to == "gptq":
         qc = gptq.quantization_config(qws, checkpoint_format)
+        src_qc = raw_cfg.get("quantization_config") or {}
+        qc["true_sequential"] = bool((src_qc.get("calibration") or {}).get("true_sequential", False))
     else:
         not_q = dense + ["model.embed_tokens.weight"]
         if not cfg.tie_word_embeddings:
             not_q.append("lm_head.weight")
         qc = aqlm.quantization_config(qws, not_q)
     out_cfg = dict(raw_cfg)
-    out_cfg["quantization_config"] = qc
+    out_cfg["quantization_config"] = qc            # replaces refq's own
     tensors = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -114,7 +116,6 @@ def export_checkpoint(src, to, out, checkpoint_format="gptq", exact=False, log=N
         raise RefqError(f"--out {out}: already exists (refq export never overwrites)")
     t0 = time.perf_counter()
     cfg, ckpt, raw_cfg, qws, packed = _load_source(src)
-    raw_cfg.pop("quantization_config", None)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise RefqError(f"--out {out}: parent folder {parent} does not exist")

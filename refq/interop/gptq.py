@@ -115,7 +115,7 @@ def quantization_config(qws, checkpoint_format):
     return {"quant_method": "gptq", "bits": bits, "group_size": -1 if g is None else g,
             "desc_act": any(q.perm is not None for q in qws.values()), "sym": sym,
             "static_groups": bool(opts.get("static_groups", False)),
-            "true_sequential": True, "damp_percent": opts.get("percdamp", 0.01),
+            "true_sequential": False, "damp_percent": opts.get("percdamp", 0.01),
             "checkpoint_format": checkpoint_format,
             "meta": {"quantizer": [f"refq:{__version__}"], "method": first.method}}
 
