@@ -186,7 +186,11 @@ def load_packed(folder, verify=True):
     """(LlamaConfig, Checkpoint, quantization_config, {name: QuantizedWeight}).
 
     verify: check every tensor against quantization_config.sha256 (when the
-    checkpoint records it); --no-verify skips it (BENCHMARKS.md has its cost)."""
+    checkpoint records it); --no-verify skips it (BENCHMARKS.md has its cost).
+    A GPTQ / AQLM checkpoint made by another tool is read by refq.interop.foreign."""
+    from refq.interop.foreign import foreign_method, load_foreign
+    if foreign_method(folder):
+        return load_foreign(folder)
     from llama_np import Checkpoint, LlamaConfig
     _, qc = read_quantization_config(folder)
     cfg = LlamaConfig.load(folder)

@@ -8,6 +8,7 @@
     refq bench kernels              time the matmul kernels (refq/kernels/bench.py)
     refq golden write|verify DIR    golden fixtures for other implementations (GOLDEN.md)
     refq compare   [--methods ...]  methods side by side: bits, perplexity, time, memory
+    refq export    CKPT --to F      write a checkpoint as GPTQ / AQLM (Hugging Face) or GGUF
 
 Human-readable output and progress bars go to stderr; with --json one JSON
 object alone goes to stdout. Exit codes: 0 ok, 1 failure, 2 bad usage or input.
@@ -76,29 +77,52 @@ def cmd_eval(args):
     from tqdm import tqdm
 
     from llama_np import perplexity
+    from refq.interop import evaluate as proto
     from refq.loading import load_for_inference
-    if args.ctx < 2:
-        raise RefqError(f"--ctx {args.ctx}: must be at least 2")
+    ctx = args.ctx if args.ctx is not None else proto.DEFAULT_CTX[args.protocol]
+    if ctx < 2:
+        raise RefqError(f"--ctx {ctx}: must be at least 2")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise RefqError(f"--max-tokens {args.max_tokens}: must be at least 2")
     text = read_text(args.text)
     model, tok, path = load_for_inference(args.model, kernel=args.kernel, verify=args.verify)
-    ids = tok.check_ids(tok.encode(text), model.cfg.vocab_size, f"--text {args.text}")
+    ids, bos = proto.encode(tok, path, text, args.protocol)
+    ids = tok.check_ids(ids, model.cfg.vocab_size, f"--text {args.text}")
     if args.max_tokens is not None:
         ids = ids[:args.max_tokens]
-    if len(ids) < 2:
-        raise RefqError(f"--text {args.text}: has {len(ids)} token(s); perplexity needs at least 2")
-    check_positions(min(args.ctx, len(ids)), model.cfg, f"--ctx {args.ctx}")
+    proto.check_length(len(ids), ctx, args.protocol, args.text)
+    check_positions(min(ctx, len(ids)), model.cfg, f"--ctx {ctx}")
+    ref = None
+    if args.reference is not None:
+        ref, ref_tok, _ = load_for_inference(args.reference, kernel=args.kernel, verify=args.verify)
+        if ref_tok.vocab_size != tok.vocab_size or ref.cfg.vocab_size != model.cfg.vocab_size:
+            raise RefqError(f"--reference {args.reference}: its vocabulary differs from the model's")
     t0 = time.perf_counter()
     with tqdm(total=len(ids), desc="eval", unit="tok", file=sys.stderr,
               disable=args.json and not sys.stderr.isatty()) as bar:
-        ppl, n, _ = perplexity(model, ids, args.ctx, progress=bar.update)
+        if ref is None:
+            ppl, n, _ = perplexity(model, ids, ctx, progress=bar.update,
+                                   protocol=args.protocol, bos_id=bos)
+        else:
+            from llama_np.generate import kl_divergence
+            kl = kl_divergence(model, ref, ids, ctx, progress=bar.update,
+                               protocol=args.protocol, bos_id=bos)
+            ppl, n = kl["ppl"], kl["tokens"]
     secs = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"ppl": ppl, "tokens": n, "seconds": round(secs, 3)}))
+        res = {"ppl": ppl, "tokens": n, "seconds": round(secs, 3)}
+        if args.protocol != "refq" or ref is not None:
+            res.update(protocol=args.protocol, ctx=ctx)
+        if ref is not None:
+            res.update({k: kl[k] for k in ("kld", "kld_median", "kld_p99", "top1", "ppl_reference")})
+        print(json.dumps(res))
     else:
         _log(f"{path}: perplexity {ppl:.4f} over {n} predicted tokens "
-             f"(ctx {args.ctx}) in {secs:.1f} s")
+             f"(ctx {ctx}, protocol {args.protocol}) in {secs:.1f} s")
+        if ref is not None:
+            _log(f"  vs {args.reference}: mean KL {kl['kld']:.6f} (median {kl['kld_median']:.6f}, "
+                 f"99th pct {kl['kld_p99']:.6f}), top-1 agreement {100 * kl['top1']:.2f} %, "
+                 f"reference perplexity {kl['ppl_reference']:.4f}")
     return 0
 
 
@@ -158,9 +182,18 @@ def build_parser():
     s = sub.add_parser("eval", help="perplexity of a model on a text")
     s.add_argument("--model", help="HF folder or refq packed checkpoint (default: SmolLM2-135M-Instruct)")
     s.add_argument("--text", default=DEFAULT_EVAL, help="UTF-8 text file (default: data/eval.txt)")
-    s.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    s.add_argument("--ctx", type=int, default=None,
+                   help="window length in tokens (default 512; 2048 with --protocol gptq)")
     s.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
-    s.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "seconds"} on stdout')
+    s.add_argument("--protocol", choices=("refq", "gptq", "llama.cpp"), default="refq",
+                   help="which tokens are scored: refq (default), gptq (GPTQ reference: whole "
+                   "windows, remainder dropped) or llama.cpp (llama-perplexity: second half of "
+                   "each window, BOS if the vocabulary adds one); README has the details")
+    s.add_argument("--reference", metavar="MODEL", default=None,
+                   help="also report the mean KL divergence from MODEL's next-token "
+                   "distributions and the top-1 agreement (as llama-perplexity's KL mode)")
+    s.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "seconds"} on stdout '
+                   '(+ protocol, ctx, and kld, kld_median, kld_p99, top1, ppl_reference)')
     s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
                    "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
@@ -193,6 +226,9 @@ def build_parser():
 
     from refq import compare      # refq compare: methods side by side
     compare.add_commands(sub)
+
+    from refq import export       # refq export: GPTQ / AQLM / GGUF layouts (FORMAT.md)
+    export.add_commands(sub)
     return p
 
 

@@ -19,7 +19,8 @@ def is_packed(path):
         return False
     from refq.checkpoint import QUANT_METHOD
     q = d.get("quantization_config") if isinstance(d, dict) else None
-    return isinstance(q, dict) and q.get("quant_method") == QUANT_METHOD
+    # refq's own, or a GPTQ / AQLM checkpoint read by refq.interop.foreign
+    return isinstance(q, dict) and q.get("quant_method") in (QUANT_METHOD, "gptq", "aqlm")
 
 
 def model_tensors(model):
