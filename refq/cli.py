@@ -41,7 +41,8 @@ def _log(*a):
 
 def read_text(path, option="--text"):
     if not os.path.isfile(path):
-        raise RefqError(f"{option} {path}: no such file")
+        what = "not a regular file" if os.path.exists(path) else "no such file"
+        raise RefqError(f"{option} {path}: {what}")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

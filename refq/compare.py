@@ -390,7 +390,9 @@ def cmd_compare(args):
     if args.force:
         spec_dirs = [os.path.join(args.out, spec_dir(s)) for s, _, _ in todo]
         for d in spec_dirs:     # all checked before any is removed
-            if os.path.isdir(d) and not set(os.listdir(d)) <= {RESULT, "checkpoint"}:
+            ours = {RESULT, "checkpoint"}      # + leftovers of a killed child (refq/outdir.py)
+            if os.path.isdir(d) and any(n not in ours and not re.fullmatch(
+                    r"\.checkpoint\.(tmp|old)-\d+", n) for n in os.listdir(d)):
                 raise RefqError(f"--out {args.out}: {d} holds files refq compare did not "
                                 f"write; not replacing it, even with --force")
         for d in spec_dirs:
