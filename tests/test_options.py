@@ -111,7 +111,7 @@ def same_everywhere(method, opts):
 
 @pytest.mark.parametrize("method,option", FLAG_OPTIONS,
                          ids=[f"{m}-{o.name}" for m, o in FLAG_OPTIONS])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_api_cli_spec_agree_on_one_option(method, option, data):
     v = data.draw(values(option))
@@ -119,7 +119,7 @@ def test_api_cli_spec_agree_on_one_option(method, option, data):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_api_cli_spec_agree_on_several_options(method, data):
     """Several options at once: cross-option checks and options without effect too."""
