@@ -58,16 +58,16 @@ class Invalid(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    name: str
-    kind: str
+    name: str               # the API keyword; flag --name-with-dashes
+    kind: str               # one of KINDS
     default: object
-    help: str
-    range: str = None
-    choices: tuple = ()
-    none: str = None
-    also: dict = field(default_factory=dict)
-    api_only: bool = False
-    common: bool = False
+    help: str               # one line for --help
+    range: str = None       # interval of allowed numbers, e.g. "[2, 8]", "(0, inf]"
+    choices: tuple = ()     # kind "choice": the allowed words
+    none: str = None        # None allowed (text "none"), and what it means
+    also: dict = field(default_factory=dict)   # other accepted value -> value stored
+    api_only: bool = False  # no flag, not in a SPEC (e.g. a per-column list)
+    common: bool = False    # set from the command's own flag (--seed), not a method flag
 
     def __post_init__(self):
         assert self.kind in KINDS, self.kind

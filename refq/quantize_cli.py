@@ -145,8 +145,9 @@ def given_options(args):
         for name, v in obj.items():
             o = table.get(name)
             if o is None or o.common:
+                names = ", ".join(n for n, x in table.items() if not (x.api_only or x.common))
                 raise RefqError(f"--options: {name!r} is not an option of method {method} "
-                                f"(its options: {', '.join(n for n in table if not table[n].common)})")
+                                f"(its options: {names})")
             if o.api_only:
                 raise RefqError(f"--options: {name} is an option of the Python API only")
             if name in given:
