@@ -13,23 +13,33 @@ def log_softmax_nll(logits, targets):
     return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
 
-def perplexity(model, ids, ctx=512, progress=None):
+def perplexity(model, ids, ctx=512, progress=None, threads=None):
     """exp(mean NLL) over non-overlapping windows of ctx tokens.
 
     Each window starts fresh at position 0 (no BOS) and predicts its tokens
-    1..len−1; a last partial window counts if it has >= 2 tokens.
+    1..len−1; a last partial window counts if it has >= 2 tokens.  The
+    windows run on `threads` worker threads (default: the BLAS's thread
+    count; llama_np.parallel), their sums added in window order: the result
+    does not depend on the thread count.
     Returns (ppl, n_predicted, nll_sum).
     """
+    from .parallel import numba_threadsafe, ordered_map
     ids = np.asarray(ids, dtype=np.int64)
     starts = [s for s in range(0, len(ids), ctx) if len(ids) - s >= 2]
-    nll, n = 0.0, 0
-    for s in starts:
+
+    def window(s):
         w = ids[s:s + ctx]
         logits = model.forward(w[:-1])                   # (len-1, V)
-        nll += float(log_softmax_nll(logits, w[1:]).sum())
-        n += len(w) - 1
+        return float(log_softmax_nll(logits, w[1:]).sum()), len(w)
+
+    if not numba_threadsafe():      # quantized kernels may not run on two threads at once
+        threads = 1
+    nll, n = 0.0, 0
+    for nll_w, len_w in ordered_map(window, starts, threads):
+        nll += nll_w
+        n += len_w - 1
         if progress is not None:
-            progress(len(w))
+            progress(len_w)
     return float(np.exp(nll / n)), n, nll
 
 
