@@ -60,22 +60,38 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="workers (new) / BLAS threads (legacy)")
     ap.add_argument("--calib-batch", type=int, default=None)
     ap.add_argument("--legacy", action="store_true")
+    ap.add_argument("--shape", default=None, metavar="D,FF,HEADS,KV",
+                    help="a random layer of this shape instead of SmolLM2's (e.g. 4096,11008,32,32 "
+                         "for LLaMA-7B), random inputs")
     a = ap.parse_args()
 
     from llama_np import LINEAR_GROUPS, Tokenizer, load_model
     from refq.calibrate import calibration_windows, capture_hessians
-    from refq.fetch import resolve_model
-    folder = resolve_model(None)
-    model, tok = load_model(folder), Tokenizer(folder)
-    with open("data/calib.txt", encoding="utf-8") as f:
-        ids = tok.encode(f.read())
     n, T = a.nsamples, a.seqlen
-    windows = calibration_windows(ids, n, T, 0)
-    layer = model.layers[a.layer]
-    cfg = model.cfg
+    if a.shape:
+        from types import SimpleNamespace
+
+        from llama_np.model import DecoderLayer
+        d, ff, nh, nkv = (int(v) for v in a.shape.split(","))
+        cfg = SimpleNamespace(hidden_size=d, intermediate_size=ff, num_attention_heads=nh,
+                              num_key_value_heads=nkv, head_dim=d // nh, rms_norm_eps=1e-5,
+                              rope_theta=10000.0, rope_scaling=None, attention_bias=False)
+        rng = np.random.default_rng(0)
+        layer = DecoderLayer(cfg, 0, lambda name, shape: (rng.standard_normal(shape, np.float32)
+                                                          / np.sqrt(shape[-1])).astype(np.float32))
+        X = rng.standard_normal((n, T, d), np.float32)
+    else:
+        from refq.fetch import resolve_model
+        folder = resolve_model(None)
+        model, tok = load_model(folder), Tokenizer(folder)
+        with open("data/calib.txt", encoding="utf-8") as f:
+            ids = tok.encode(f.read())
+        windows = calibration_windows(ids, n, T, 0)
+        layer = model.layers[a.layer]
+        cfg = model.cfg
+        X = model.embed(windows)      # (the embeddings as input: only the time is measured)
     d, ff = cfg.hidden_size, cfg.intermediate_size
     nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    X = model.embed(windows)          # (the embeddings as input: only the time is measured)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if a.legacy:
@@ -105,12 +121,14 @@ def main():
     hess = tok_ * (3 * d * d + ff * ff)                   # syrk: n² per token (one triangle)
     useful = lin_capture + lin + 2 * attn + hess
     rate = matmul_rate(a.threads)
+    gib = 4 * (sum(int(np.prod(lin.shape)) for lin in layer.linears.values()) + X.size) / 2**30
     res = {"legacy": a.legacy, "nsamples": n, "seqlen": T, "threads": a.threads,
            "capture_s": round(t1 - t0, 2), "forward_s": round(t2 - t1, 2),
            "layer_s": round(t2 - t0, 2), "useful_gflop": round(useful / 1e9, 1),
            "gflops": round(useful / 1e9 / (t2 - t0), 1), "matmul_gflops": round(rate, 1),
            "fraction": round(useful / 1e9 / (t2 - t0) / rate, 3),
            "maxrss_mib_before": rss0 // 1024, "maxrss_mib_after": rss1 // 1024,
+           "weights_and_inputs_gib": round(gib, 2), "shape": a.shape,
            "load": os.getloadavg()[0]}
     print(json.dumps(res))
 

@@ -260,7 +260,7 @@ def capture_hessians(layer, hs, pos, groups, threads=None, calib_batch=None):
 
 
 def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
-                    threads=None, calib_batch=None, progress=None):
+                    threads=None, calib_batch=None, progress=None, resume=None):
     """Quantize every linear of every decoder layer of `model`, in place.
 
     quantize(name, W, H) -> object with .matmul and .dequantize (the quantized
@@ -275,6 +275,9 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     speed trade-off that changes H only in its float32 rounding.
     log(i, seconds) after each decoder layer; progress(tokens) as calibration
     tokens go through a layer (each layer counts n*T tokens in all).
+    resume: a refq.resume.ResumeState; the layers it holds are put back in
+    the model (and returned) instead of being quantized again, and each
+    finished layer is saved to it.
     """
     n, T = windows.shape
     pos = np.arange(T)
@@ -282,16 +285,32 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     if calib_batch < 1:
         raise RefqError(f"--calib-batch {calib_batch}: need at least 1 sample per batch")
     X = model.embed(windows)                                            # (n, T, d)
-    done = []
+    done, first = [], 0
+    if resume is not None:
+        first, X_saved, restored = resume.restore()
+        if first:
+            X = X_saved                                                 # input of layer `first`
+        for full, q in restored:                     # "model.layers.{i}.{name}"
+            _, _, i, name = full.split(".", 3)
+            model.layers[int(i)].linears[name] = q
+            done.append((full, q))
     with workers(threads) as (pool, n_workers):
         for i, layer in enumerate(model.layers):
+            if i < first:
+                if progress is not None:
+                    progress(n * T)
+                continue
             t0 = time.perf_counter()
+            n_done = len(done)
             cos, sin = rope_cos_sin(layer.inv_freq, pos)                  # (T, hd)
             passes = 5 if true_sequential else 2
+            ticked = [0]                     # tokens reported for this layer (n*T in all)
 
-            def tick(k, passes=passes):
+            def tick(k, passes=passes, ticked=ticked):
                 if progress is not None:
-                    progress(k * T / passes)
+                    t = min(k * T // passes, n * T - ticked[0])
+                    ticked[0] += t
+                    progress(t)
 
             run = _Pass(pool, n_workers, calib_batch, cos, sin, tick)
 
@@ -324,6 +343,10 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                              write=False)
                 quantize_group(DOWN, acc[DOWN].mean())
                 run(layer, _dense(layer, GATE_UP + DOWN), X, "h1", None)  # X <- output
+            if progress is not None and ticked[0] < n * T:
+                progress(n * T - ticked[0])
+            if resume is not None:
+                resume.save(i, X, done[n_done:])
             if log is not None:
                 log(i, time.perf_counter() - t0)
     return done

@@ -184,6 +184,7 @@ def cmd_quantize(args):
     from refq.fetch import resolve_model
     from refq.loading import is_packed
     from refq.methods import METHODS
+    from refq.resume import ResumeState, run_fingerprint, state_dir
 
     if args.method not in METHODS:
         raise RefqError(f"--method {args.method}: unknown method (known: {', '.join(METHODS)})")
@@ -214,6 +215,10 @@ def cmd_quantize(args):
         result["ppl_before"] = _eval(model, eval_ids, "before")
 
     rows, quantized = [], {}
+    # a killed run restarted with the same arguments continues after its last finished layer
+    state = ResumeState(state_dir(args.out), run_fingerprint(
+        folder, args.method, full_opts, calib_text, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, true_sequential=args.true_sequential, calib_batch=args.calib_batch))
 
     def quantize(name, W, H):
         with warnings.catch_warnings(record=True) as caught:
@@ -223,6 +228,7 @@ def cmd_quantize(args):
             tqdm.write(f"warning: {w.message}", file=sys.stderr)
         loss = layer_loss(W, q.dequantize(), H)
         rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
+        state.notes[name] = rows[-1]
         quantized[name] = q
         return q
 
@@ -231,11 +237,13 @@ def cmd_quantize(args):
     # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
     bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",
                unit="tok", unit_scale=True, file=sys.stderr)
-    quantize_layers(model, windows, quantize, args.true_sequential,
-                    log=lambda i, s: bar.set_description(
-                        f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
-                    calib_batch=args.calib_batch, progress=bar.update)
+    done = quantize_layers(model, windows, quantize, args.true_sequential,
+                           log=lambda i, s: bar.set_description(
+                               f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
+                           calib_batch=args.calib_batch, progress=bar.update, resume=state)
     bar.close()
+    quantized = dict(done)                           # with the layers of a resumed run
+    rows = [state.notes[name] for name, _ in done]
     q_secs = time.perf_counter() - t_q
 
     n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())
@@ -253,6 +261,7 @@ def cmd_quantize(args):
     if args.calib_batch is not None:
         qc["calibration"]["calib_batch"] = args.calib_batch
     save_packed(args.out, folder, model, quantized, qc, force=args.force)
+    state.remove()
 
     _log(f"{'layer':<42} {'loss':>12} {'bits':>7}")
     for r in rows:

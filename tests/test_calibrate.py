@@ -439,3 +439,59 @@ def test_perplexity_on_threads_is_the_same_bytes_and_matches_float64(tiny64):
     assert n_got == n == 300 - 5
     assert nll_got == pytest.approx(nll, rel=1e-9)
     assert ppl == pytest.approx(math.exp(nll / n), rel=1e-9)
+
+
+# =========================================================================== resume
+@pytest.mark.parametrize("extra", [[], ["--true-sequential", "--calib-batch", "3"]])
+def test_killed_quantize_resumes_after_the_last_finished_layer(tmp_path, monkeypatch, extra):
+    """A run killed while quantizing layer 2 (of 4), restarted with the same
+    arguments, quantizes only layers 2-3 and writes the same bytes as a run
+    never killed; other arguments start afresh."""
+    import refq.api
+    from refq.cli import main
+    from refq.resume import state_dir
+    folder = str(tmp_path / "tiny")
+    write_tiny_checkpoint(folder, layers=4)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tiny_text(np.random.default_rng(5).integers(2, 64, size=400)) + "\n")
+    monkeypatch.setenv("REFQ_HOME", str(tmp_path / "home"))
+    real = refq.api.quantize_weight
+    calls = []
+
+    def counting(W, H, method, name="", **kw):
+        calls.append(name)
+        if kill_at and name.startswith(kill_at):
+            raise KeyboardInterrupt                  # the run dies here
+        return real(W, H, method, name=name, **kw)
+    monkeypatch.setattr(refq.api, "quantize_weight", counting)
+
+    def run(out, seed="0"):
+        calls.clear()
+        return main(["quantize", "--model", folder, "--method", "gptq", "--bits", "3",
+                     "--group-size", "16", "--calib", str(calib), "--nsamples", "6",
+                     "--seqlen", "32", "--seed", seed, "--json", "--out", str(out), *extra])
+
+    kill_at = None
+    assert run(tmp_path / "whole") == 0
+    assert len(calls) == 28 and not os.path.exists(state_dir(tmp_path / "whole"))
+
+    out = tmp_path / "resumed"
+    kill_at = "model.layers.2."
+    assert run(out) == 130                           # what refq says on Ctrl-C
+    assert not out.exists()
+    assert sorted(os.listdir(state_dir(out)))[:3] == ["done.json", "fingerprint.json",
+                                                      "inputs-2.npy"]
+    kill_at = None
+    assert run(out) == 0
+    assert calls == [c for c in calls if c.startswith(("model.layers.2.", "model.layers.3."))]
+    assert len(calls) == 14
+    for f in sorted(os.listdir(tmp_path / "whole")):
+        assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    assert not os.path.exists(state_dir(out))
+
+    # killed again, then restarted with another seed: the state is not used
+    out = tmp_path / "other"
+    kill_at = "model.layers.3."
+    assert run(out) == 130
+    kill_at = None
+    assert run(out, seed="1") == 0 and len(calls) == 28
