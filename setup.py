@@ -15,6 +15,7 @@ setup(
         "tokenizers>=0.15",
         "gguf>=0.10",
         "tqdm>=4.60",
+        "threadpoolctl>=3.5",    # BLAS on one thread per worker: results independent of thread count
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],

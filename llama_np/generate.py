@@ -56,21 +56,32 @@ def log_softmax(logits):
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def perplexity(model, ids, ctx=512, progress=None, protocol="refq", bos_id=None):
+def perplexity(model, ids, ctx=512, progress=None, protocol="refq", bos_id=None, threads=None):
     """exp(mean NLL) over the tokens that `protocol` scores (see eval_windows).
 
     The default (refq): non-overlapping windows of ctx tokens, each starting
     fresh at position 0 (no BOS) and predicting its tokens 1..len-1; a last
-    partial window counts if it has >= 2 tokens.
+    partial window counts if it has >= 2 tokens.  The windows run on `threads`
+    worker threads (default: the BLAS's thread count; llama_np.parallel), their
+    sums added in window order: the result does not depend on the thread count.
     Returns (ppl, n_predicted, nll_sum).
     """
-    nll, n = 0.0, 0
-    for w, first in eval_windows(ids, ctx, protocol, bos_id):
+    from .parallel import numba_threadsafe, ordered_map
+
+    def window(wf):
+        w, first = wf
         logits = model.forward(w[:-1])[first:]           # (len-1-first, V)
-        nll += float(log_softmax_nll(logits, w[first + 1:]).sum())
-        n += len(w) - 1 - first
+        return float(log_softmax_nll(logits, w[first + 1:]).sum()), len(w), first
+
+    if not numba_threadsafe():      # quantized kernels may not run on two threads at once
+        threads = 1
+    nll, n = 0.0, 0
+    for nll_w, len_w, first in ordered_map(window, eval_windows(ids, ctx, protocol, bos_id),
+                                           threads):
+        nll += nll_w
+        n += len_w - 1 - first
         if progress is not None:
-            progress(len(w))
+            progress(len_w)
     if n == 0:
         raise ValueError("no token to score")
     return float(np.exp(nll / n)), n, nll

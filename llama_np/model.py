@@ -110,6 +110,73 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
+def attention(q, k, v, pos):
+    """softmax(q kᵀ / √hd + causal mask) v, grouped-query: the plain form (the spec).
+
+    q (T, nh, hd) at positions pos (T,); k, v (S, nkv, hd) at positions 0..S-1.
+    Query t sees the keys at positions <= pos[t]. -> (T, nh*hd).
+    """
+    T, nh, hd = q.shape
+    S, nkv = k.shape[0], k.shape[1]
+    rep = nh // nkv                     # query heads per key/value head
+    # (contiguous copies: numpy's stacked matmul only uses BLAS on those)
+    qg = np.ascontiguousarray(q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3))  # (nkv, rep, T, hd)
+    kg = np.ascontiguousarray(k.transpose(1, 2, 0))                  # (nkv, hd, S)
+    vg = np.ascontiguousarray(v.transpose(1, 0, 2))                  # (nkv, S, hd)
+    scores = qg @ kg[:, None]                                        # (nkv, rep, T, S)
+    scores *= np.float32(1.0 / math.sqrt(hd))
+    masked = np.arange(S)[None, :] > pos[:, None]                    # (T, S)
+    scores += np.where(masked, np.float32(-np.inf), np.float32(0.0))
+    # softmax over keys, in place (the largest temporaries of the forward pass)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores, out=scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    o = p @ vg[:, None]                                              # (nkv, rep, T, hd)
+    return o.transpose(2, 0, 1, 3).reshape(T, nh * hd)               # (T, nh*hd)
+
+
+ATTN_BLOCK = 64         # queries per block in causal_attention
+
+
+def causal_attention(q, k, v, block=ATTN_BLOCK):
+    """attention(q, k, v, pos) when keys and queries share positions (no
+    cache), computed in blocks of `block` queries:
+
+        keys  0 ......... s ... e
+        [ done ][ B_0 ]                 block of queries s..e-1 sees keys 0..e-1:
+        [     done    ][ B_1 ]          the keys after e (the upper half of the
+        [         done       ][ B_2 ]   full T x T matrix) are never computed,
+                                        and only the diagonal block is masked.
+
+    The rep query heads of a key/value head are rows of one product: row
+    t*rep + r is query t of head kv*rep + r.  q (T, nh, hd); k, v (T, nkv, hd)
+    -> (T, nh*hd). Per row, the sums of attention() over the unmasked keys
+    (in another float32 order).
+    """
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    rep = nh // nkv
+    qg = np.ascontiguousarray(q.reshape(T, nkv, rep, hd).transpose(1, 0, 2, 3))
+    qg = qg.reshape(nkv, T * rep, hd)                                # (nkv, T*rep, hd)
+    kg = np.ascontiguousarray(k.transpose(1, 2, 0))                  # (nkv, hd, T)
+    vg = np.ascontiguousarray(v.transpose(1, 0, 2))                  # (nkv, T, hd)
+    scale = np.float32(1.0 / math.sqrt(hd))
+    upper = np.triu(np.full((block, block), -np.inf, np.float32), 1)  # (B, B) diagonal block's mask
+    upper = np.repeat(upper, rep, axis=0)                            # (B*rep, B): rows per query
+    o = np.empty((T, nkv, rep, hd), np.float32)
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        scores = qg[:, s * rep:e * rep] @ kg[..., :e]                # (nkv, (e-s)*rep, e)
+        scores *= scale
+        scores[..., s:e] += upper[:(e - s) * rep, :e - s]            # query t sees keys <= t
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores, out=scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        ob = p @ vg[:, :e]                                           # (nkv, (e-s)*rep, hd)
+        o[s:e] = ob.reshape(nkv, e - s, rep, hd).transpose(1, 0, 2, 3)
+    return o.reshape(T, nh * hd)
+
+
 class KVCache:
     """Keys and values of past positions, per layer, preallocated to max_len."""
 
@@ -172,28 +239,14 @@ class DecoderLayer:
         v = self._linear("self_attn.v_proj", a).reshape(T, nkv, hd)
         cos, sin = rope_cos_sin(self.inv_freq, pos)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if cache is None:   # keys at the queries' positions: blocks, the masked half skipped
+            o = causal_attention(q, k, v)                                # (T, nh*hd)
+        else:
             cache.k[self.index, pos] = k
             cache.v[self.index, pos] = v
             S = int(pos[-1]) + 1
             k, v = cache.k[self.index, :S], cache.v[self.index, :S]      # (S, nkv, hd)
-        S = k.shape[0]
-        rep = nh // nkv                     # query heads per key/value head
-        # (contiguous copies: numpy's stacked matmul only uses BLAS on those)
-        qg = np.ascontiguousarray(q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3))  # (nkv, rep, T, hd)
-        kg = np.ascontiguousarray(k.transpose(1, 2, 0))                  # (nkv, hd, S)
-        vg = np.ascontiguousarray(v.transpose(1, 0, 2))                  # (nkv, S, hd)
-        scores = qg @ kg[:, None]                                        # (nkv, rep, T, S)
-        scores *= np.float32(1.0 / math.sqrt(hd))
-        # causal mask: query at position pos[t] sees keys at positions <= pos[t]
-        masked = np.arange(S)[None, :] > pos[:, None]                    # (T, S)
-        scores += np.where(masked, np.float32(-np.inf), np.float32(0.0))
-        # softmax over keys, in place (the largest temporaries of the forward pass)
-        scores -= scores.max(axis=-1, keepdims=True)
-        p = np.exp(scores, out=scores)
-        p /= p.sum(axis=-1, keepdims=True)
-        o = (p @ vg[:, None])                                            # (nkv, rep, T, hd)
-        o = o.transpose(2, 0, 1, 3).reshape(T, nh * hd)                  # (T, nh*hd)
+            o = attention(q, k, v, pos)                                  # (T, nh*hd)
         if on_input is not None:
             on_input(LINEAR_GROUPS[1], o)
         h = h + self._linear("self_attn.o_proj", o)

@@ -70,6 +70,10 @@ def add_commands(sub):
                    help="calibration windows, and the method's seed if it has one (default 0)")
     s.add_argument("--true-sequential", action="store_true",
                    help="quantize q,k,v -> o -> gate,up -> down, re-capturing inputs after each")
+    s.add_argument("--calib-batch", type=int, default=None, metavar="N",
+                   help="calibration samples per product and per float32 Gram matrix "
+                        "(default: 2048 tokens' worth); more is faster and takes more memory, "
+                        "and changes H in its float32 rounding")
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
@@ -214,6 +218,7 @@ def cmd_quantize(args):
     from refq.cli import check_positions, check_seed, read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
+    from refq.resume import ResumeState, run_fingerprint, state_dir
 
     if args.help:
         if args.method:
@@ -233,6 +238,8 @@ def cmd_quantize(args):
     check_out_dir(args.out, args.force, log=_log,
                   inputs=[args.model or default_model_path(), args.calib]
                   + ([args.eval_text] if args.eval else []))
+    if args.calib_batch is not None and args.calib_batch < 1:
+        raise RefqError(f"--calib-batch {args.calib_batch}: need at least 1 sample per batch")
     # Validate every option now rather than after calibration, naming the flag at fault.
     opts, full_opts = options_from_args(args)
 
@@ -260,6 +267,10 @@ def cmd_quantize(args):
         result["ppl_before"] = _eval(model, eval_ids, "before")
 
     rows, quantized = [], {}
+    # a killed run restarted with the same arguments continues after its last finished layer
+    state = ResumeState(state_dir(args.out), run_fingerprint(
+        folder, args.method, full_opts, calib_text, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=args.seed, true_sequential=args.true_sequential, calib_batch=args.calib_batch))
 
     def quantize(name, W, H):
         with warnings.catch_warnings(record=True) as caught:
@@ -269,16 +280,22 @@ def cmd_quantize(args):
             tqdm.write(f"warning: {w.message}", file=sys.stderr)
         loss = layer_loss(W, q.dequantize(), H)
         rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
+        state.notes[name] = rows[-1]
         quantized[name] = q
         return q
 
     t_q = time.perf_counter()
-    bar = tqdm(total=len(model.layers), desc=f"{args.method}", unit="layer", file=sys.stderr)
-    try:
-        quantize_layers(model, windows, quantize, args.true_sequential,
-                        log=lambda i, s: bar.update(1))
-    finally:
-        bar.close()          # an error message then starts on its own line
+    n_layers = len(model.layers)
+    # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
+    bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",
+               unit="tok", unit_scale=True, file=sys.stderr)
+    done = quantize_layers(model, windows, quantize, args.true_sequential,
+                           log=lambda i, s: bar.set_description(
+                               f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
+                           calib_batch=args.calib_batch, progress=bar.update, resume=state)
+    bar.close()
+    quantized = dict(done)                           # with the layers of a resumed run
+    rows = [state.notes[name] for name, _ in done]
     q_secs = time.perf_counter() - t_q
 
     n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())
@@ -293,7 +310,10 @@ def cmd_quantize(args):
                           "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                           "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                           "true_sequential": args.true_sequential}}
+    if args.calib_batch is not None:
+        qc["calibration"]["calib_batch"] = args.calib_batch
     save_packed(args.out, folder, model, quantized, qc, force=args.force)
+    state.remove()
 
     _log(f"{'layer':<42} {'loss':>12} {'bits':>7}")
     for r in rows:
