@@ -222,8 +222,11 @@ def cmd_quantize(args):
 
     t_q = time.perf_counter()
     bar = tqdm(total=len(model.layers), desc=f"{args.method}", unit="layer", file=sys.stderr)
-    quantize_layers(model, windows, quantize, args.true_sequential,
-                    log=lambda i, s: bar.update(1))
+    from refq.fisher import fisher_context        # squeezellm --sensitivity fisher: F first
+    with fisher_context(model, windows, full_opts, log=lambda m: tqdm.write(m, file=sys.stderr)) as f_info:
+        quantize_layers(model, windows, quantize, args.true_sequential,
+                        log=lambda i, s: bar.update(1))
+    result.update(f_info)
     bar.close()
     q_secs = time.perf_counter() - t_q
 
