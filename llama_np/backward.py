@@ -321,26 +321,35 @@ def block_mse_and_grads(P, cfg, x, pos, target):
 # ===========================================================================
 # packed checkpoints: from dloss/dŴ to the stored continuous fields
 # ===========================================================================
-def additive_field_grads(q, dW):
+def additive_grads(codes, C, s, dW):
     """Ŵ[i, kg + a] = s_i z_i[kg + a],  z_i[kg + a] = Σ_m C_m[b_ikm][a]:
 
         ds_i          = Σ_j dŴ_ij z_ij
         dC_m[c][a]    = Σ_{(i, k) : b_ikm = c} s_i dŴ[i, kg + a]
+
+    codes (out, K, M) ints, C (M, 2^B, g), s (out,), dW (out, in)
+    -> dC (M, 2^B, g), ds (out,), in dW's dtype.
     """
-    out, n = q.shape
-    M, g = q.num_codebooks, q.in_group_size
-    nc = 2 ** q.nbits_per_codebook
-    cb = q.codebooks.astype(dW.dtype)                                # (M, nc, g)
-    codes = q.codes.astype(np.int64)                                 # (out, K, M)
-    s = q.scales.astype(dW.dtype)                                    # (out,)
-    Z = sum(cb[m][codes[:, :, m]] for m in range(M)).reshape(out, n)  # (out, in)
+    out, n = dW.shape
+    M, nc, g = C.shape
+    codes = np.asarray(codes, dtype=np.int64)
+    C, s = C.astype(dW.dtype, copy=False), s.astype(dW.dtype, copy=False)
+    Z = C[0][codes[:, :, 0]]                                         # (out, K, g)
+    for m in range(1, M):
+        Z = Z + C[m][codes[:, :, m]]
     dZ = (s[:, None] * dW).reshape(-1, g)                            # (out*K, g)
     dC = np.empty((M, nc, g), dtype=dW.dtype)
     for m in range(M):
         idx = codes[:, :, m].reshape(-1)
         for a in range(g):
             dC[m, :, a] = np.bincount(idx, weights=dZ[:, a], minlength=nc)
-    return {"codebooks": dC, "scales": np.einsum("ij,ij->i", dW, Z)}
+    return dC, np.einsum("ij,ij->i", dW, Z.reshape(out, n))
+
+
+def additive_field_grads(q, dW):
+    """The additive (AQLM) format's stored fields: see additive_grads."""
+    dC, ds = additive_grads(q.codes, q.codebooks, q.scales, dW)
+    return {"codebooks": dC, "scales": ds}
 
 
 def row_lut_field_grads(q, dW):

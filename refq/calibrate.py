@@ -88,11 +88,13 @@ def capture_hessians(layer, hs, pos, groups):
     return {g: a.mean() for g, a in acc.items()}
 
 
-def quantize_layers(model, windows, quantize, true_sequential=False, log=None):
+def quantize_layers(model, windows, quantize, true_sequential=False, log=None, layer_hook=None):
     """Quantize every linear of every decoder layer of `model`, in place.
 
     quantize(name, W, H) -> object with .matmul (the quantized weight); it is
     called with the full tensor name, e.g. "model.layers.3.mlp.up_proj".
+    layer_hook(i, layer, hs, pos), called before layer i is quantized, may return
+    a function called once it is (e.g. refq.finetune's block fine-tuning).
     Returns the list of what quantize returned, in order, as (name, result).
     """
     seqlen = windows.shape[1]
@@ -101,6 +103,7 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None):
     done = []
     for i, layer in enumerate(model.layers):
         t0 = time.perf_counter()
+        after = layer_hook(i, layer, hs, pos) if layer_hook is not None else None
         plan = [[g] for g in LINEAR_GROUPS] if true_sequential else [list(LINEAR_GROUPS)]
         for groups in plan:
             Hs = capture_hessians(layer, hs, pos, groups)
@@ -111,6 +114,8 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None):
                     q = quantize(full, W, Hs[g])
                     layer.linears[name] = q
                     done.append((full, q))
+        if after is not None:
+            after()
         hs = [layer.forward(h, pos) for h in hs]             # the quantized layer's outputs
         if log is not None:
             log(i, time.perf_counter() - t0)

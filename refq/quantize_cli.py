@@ -87,6 +87,8 @@ def add_commands(sub):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--true-sequential", action="store_true",
                    help="quantize q,k,v -> o -> gate,up -> down, re-capturing inputs after each")
+    from refq.finetune import add_flags
+    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm)
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
@@ -189,6 +191,8 @@ def cmd_quantize(args):
     check_out_dir(args.out, args.force)
     # Validate every option now rather than after calibration, naming the flag at fault.
     full_opts = _check_options(args.method, opts)
+    from refq.finetune import make_layer_hook, options_from_args
+    ft_opts, ft_record = options_from_args(args, args.method), []
 
     folder = resolve_model(args.model)
     if is_packed(folder):
@@ -225,7 +229,9 @@ def cmd_quantize(args):
     from refq.fisher import fisher_context        # squeezellm --sensitivity fisher: F first
     with fisher_context(model, windows, full_opts, log=lambda m: tqdm.write(m, file=sys.stderr)) as f_info:
         quantize_layers(model, windows, quantize, args.true_sequential,
-                        log=lambda i, s: bar.update(1))
+                        log=lambda i, s: bar.update(1),
+                        layer_hook=ft_opts and make_layer_hook(ft_opts, ft_record,
+                                                               lambda m: tqdm.write(m, file=sys.stderr)))
     result.update(f_info)
     bar.close()
     q_secs = time.perf_counter() - t_q
@@ -242,6 +248,10 @@ def cmd_quantize(args):
                           "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                           "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                           "true_sequential": args.true_sequential}}
+    if ft_opts:                                    # block fine-tuning: settings, history, time
+        result["finetune"] = qc["finetune"] = {
+            "options": ft_opts, "seconds": round(sum(r["seconds"] for r in ft_record), 3),
+            "layers": ft_record}
     save_packed(args.out, folder, model, quantized, qc, force=args.force)
 
     _log(f"{'layer':<42} {'loss':>12} {'bits':>7}")
@@ -274,7 +284,8 @@ def summarize(folder):
             "format_version": qc.get("format_version"),
             "quantized_linears": len(qws), "quantized_weights": n,
             "bits_per_weight": 8 * qbytes / n if n else 0.0, "bits_breakdown": breakdown,
-            "quantized_bytes": qbytes, "unquantized_bytes": other, "folder_bytes": files}
+            "quantized_bytes": qbytes, "unquantized_bytes": other, "folder_bytes": files,
+            **({"finetune": qc["finetune"]} if "finetune" in qc else {})}
 
 
 def cmd_info(args):
@@ -297,4 +308,11 @@ def cmd_info(args):
     print(f"  sizes            quantized tensors {mib(s['quantized_bytes'])}, "
           f"unquantized tensors {mib(s['unquantized_bytes'])}, folder {mib(s['folder_bytes'])}",
           file=out)
+    if "finetune" in s:                            # AQLM block fine-tuning's record
+        ft = s["finetune"]
+        print(f"  fine-tuning      {len(ft['layers'])} layers in {ft['seconds']:.1f} s, "
+              f"options {json.dumps(ft['options'])}", file=out)
+        for r in ft["layers"]:
+            hist = " ".join(f"{v:.4g}" for v in r["mse_history"])
+            print(f"    layer {r['layer']:<3} mse per epoch (0 = before): {hist}", file=out)
     return 0
