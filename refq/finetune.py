@@ -207,13 +207,13 @@ def options_from_args(args, method):
     if method != "aqlm":
         raise RefqError(f"--finetune: only for --method aqlm (the additive format), not {method}")
     o = dict(DEFAULTS, seed=args.seed, **given)
-    checks = {"epochs": o["epochs"] >= 1, "batch_size": o["batch_size"] >= 1,
-              "lr": math.isfinite(o["lr"]) and o["lr"] > 0,
-              "relative_tolerance": math.isfinite(o["relative_tolerance"]) and o["relative_tolerance"] >= 0}
-    for key, ok in checks.items():
+    for flag, (key, _, _) in FLAGS.items():
+        v = o[key]
+        ok, need = {"epochs": (v >= 1, "an integer >= 1"), "batch_size": (v >= 1, "an integer >= 1"),
+                    "lr": (math.isfinite(v) and v > 0, "a number > 0"),
+                    "relative_tolerance": (math.isfinite(v) and v >= 0, "a number >= 0")}[key]
         if not ok:
-            flag = next(f for f, (k, _, _) in FLAGS.items() if k == key)
-            raise RefqError(f"{flag} {o[key]}: must be {'> 0' if key == 'lr' else '>= 1' if key != 'relative_tolerance' else '>= 0'}")
+            raise RefqError(f"{flag} {v}: must be {need}")
     return o
 
 
