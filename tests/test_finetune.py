@@ -122,6 +122,20 @@ def test_cli_finetune_record_and_info(tmp_path, capsys):
     with open(os.path.join(tmp_path, "ft", "config.json")) as f:
         assert json.load(f)["quantization_config"]["finetune"]["options"]["epochs"] == 2
 
+    # loss_and_grads on the packed checkpoint read back: gradients of the stored fields
+    from llama_np import loss_and_grads
+    from llama_np.generate import log_softmax_nll
+    from refq.checkpoint import load_packed_model
+    model = load_packed_model(str(tmp_path / "ft"))
+    ids = np.arange(2, 14)
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(float(np.mean(log_softmax_nll(model.forward(ids[:-1]), ids[1:]))),
+                                 rel=1e-4)
+    q = model.layers[1].linears["mlp.down_proj"]
+    assert grads["model.layers.1.mlp.down_proj.codebooks"].shape == q.codebooks.shape
+    assert grads["model.layers.1.mlp.down_proj.scales"].shape == q.scales.shape
+    assert "model.layers.1.mlp.down_proj.weight" not in grads
+
 
 @pytest.mark.parametrize("extra, msg", [
     (["--method", "gptq", "--finetune"], "--finetune: only for --method aqlm"),
