@@ -31,6 +31,8 @@ that a method can fine-tune (FIELD_GRADS below):
                     -> "<name>.codebooks" (M, 2^B, g), "<name>.scales" (out,)
   row_lut (SqueezeLLM)  Ŵ[r, c] = lut[r, code_rc] + S[r, c]
                     -> "<name>.lut" (out, 2^b)   (the outliers S: not given)
+  slim with float16 adapters   Ŵ = W_c + L R
+                    -> "<name>.lora_L" (out, r), "<name>.lora_R" (r, in)  (W_c: not given)
 Other formats (uniform grids, SpQR, SLiM, ...) get "<name>.weight", the gradient
 with respect to the dequantized weight Ŵ itself, which is where their chain
 rule would start.
@@ -363,8 +365,20 @@ def row_lut_field_grads(q, dW):
     return {"lut": dlut.astype(dW.dtype)}
 
 
-# format name -> fn(quantized weight, dloss/dŴ (out, in)) -> {stored field: gradient}
-FIELD_GRADS = {"additive": additive_field_grads, "row_lut": row_lut_field_grads}
+def slim_field_grads(q, dW):
+    """Ŵ = W_c + L R (float16 adapters):  dL = dŴ Rᵀ,  dR = Lᵀ dŴ  (W_c: not given).
+
+    None (no rule) when the adapters are absent or stored quantized."""
+    if not q.rank or q.adapter_bits is not None:
+        return None
+    L, R = (a.astype(dW.dtype) for a in q.adapters())              # (out, r), (r, in)
+    return {"lora_L": dW @ R.T, "lora_R": L.T @ dW}
+
+
+# format name -> fn(quantized weight, dloss/dŴ (out, in)) -> {stored field: gradient}, or
+# None where the format's fields are not continuous (then dloss/dŴ is given)
+FIELD_GRADS = {"additive": additive_field_grads, "row_lut": row_lut_field_grads,
+               "slim": slim_field_grads}
 
 
 def linear_grads(lin, name, dW):
@@ -372,9 +386,10 @@ def linear_grads(lin, name, dW):
     if isinstance(lin, Linear):
         return {name + ".weight": dW}
     rule = FIELD_GRADS.get(getattr(lin, "FORMAT", None))
-    if rule is None:
+    fields = rule(lin, dW) if rule is not None else None
+    if fields is None:
         return {name + ".weight": dW}                                # dloss/dŴ itself
-    return {f"{name}.{f}": g for f, g in rule(lin, dW).items()}
+    return {f"{name}.{f}": g for f, g in fields.items()}
 
 
 # ===========================================================================

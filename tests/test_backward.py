@@ -318,6 +318,22 @@ def test_row_lut_field_grads_finite_differences():
     assert rel_err(B.row_lut_field_grads(q, dW)["lut"], numgrad(f, L).reshape(L.shape)) <= TOL
 
 
+def test_slim_adapter_grads_finite_differences():
+    from refq.api import quantize_weight
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 16)).astype(np.float32)
+    q = quantize_weight(W, np.eye(16), "slim", rank=3)              # 2:4 + 4-bit + fp16 adapters
+    L, R = (a.astype(np.float64) for a in q.adapters())
+    Wc = q.dequantize().astype(np.float64) - L @ R                  # the compressed base
+    dW = rng.standard_normal((8, 16))
+    f = lambda: float(np.sum(dW * (Wc + L @ R)))                    # noqa: E731
+    got = B.slim_field_grads(q, dW)
+    assert rel_err(got["lora_L"], numgrad(f, L).reshape(L.shape)) <= TOL
+    assert rel_err(got["lora_R"], numgrad(f, R).reshape(R.shape)) <= TOL
+    q4 = quantize_weight(W, np.eye(16), "slim", rank=3, adapter_bits=4, adapter_group_size=8)
+    assert B.linear_grads(q4, "x", dW) == {"x.weight": dW}          # quantized adapters: dŴ
+
+
 def test_packed_model_gradients_go_to_stored_fields():
     """A model with one additive linear: its codebooks/scales gradients are the chain rule
     applied to the dense gradient of the same (dequantized) weight; other names unchanged."""
