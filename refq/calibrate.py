@@ -260,7 +260,7 @@ def capture_hessians(layer, hs, pos, groups, threads=None, calib_batch=None):
 
 
 def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
-                    threads=None, calib_batch=None, progress=None, resume=None):
+                    threads=None, calib_batch=None, progress=None, resume=None, layer_hook=None):
     """Quantize every linear of every decoder layer of `model`, in place.
 
     quantize(name, W, H) -> object with .matmul and .dequantize (the quantized
@@ -278,6 +278,10 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     resume: a refq.resume.ResumeState; the layers it holds are put back in
     the model (and returned) instead of being quantized again, and each
     finished layer is saved to it.
+    layer_hook(i, layer, X, pos), called before layer i is quantized with its
+    inputs X (n, T, d), may return a function called once every linear of the
+    layer is quantized, before the layer's outputs are computed (e.g.
+    refq.finetune's block fine-tuning, which changes the layer in place).
     """
     n, T = windows.shape
     pos = np.arange(T)
@@ -302,6 +306,8 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                 continue
             t0 = time.perf_counter()
             n_done = len(done)
+            inputs = X.copy() if layer_hook is not None else None     # (n, T, d)
+            after = layer_hook(i, layer, inputs, pos) if layer_hook is not None else None
             cos, sin = rope_cos_sin(layer.inv_freq, pos)                  # (T, hd)
             passes = 5 if true_sequential else 2
             ticked = [0]                     # tokens reported for this layer (n*T in all)
@@ -328,6 +334,8 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                              want=LINEAR_GROUPS, write=False)
                 for group in LINEAR_GROUPS:
                     quantize_group(group, acc[group].mean())
+                if after is not None:
+                    after()
                 run(layer, _dense(layer, _before(None)), X, "h", None)
             else:
                 acc, _ = run(layer, {}, X, "h", QKV, want=(QKV,), write=False)
@@ -342,7 +350,12 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                 acc, _ = run(layer, _dense(layer, GATE_UP), X, "h1", DOWN, want=(DOWN,),
                              write=False)
                 quantize_group(DOWN, acc[DOWN].mean())
-                run(layer, _dense(layer, GATE_UP + DOWN), X, "h1", None)  # X <- output
+                if after is None:
+                    run(layer, _dense(layer, GATE_UP + DOWN), X, "h1", None)  # X <- output
+                else:                            # fine-tuning changes h1 too: from the input
+                    after()
+                    X[:] = inputs
+                    run(layer, _dense(layer, _before(None)), X, "h", None)
             if progress is not None and ticked[0] < n * T:
                 progress(n * T - ticked[0])
             if resume is not None:

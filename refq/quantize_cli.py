@@ -74,6 +74,8 @@ def add_commands(sub):
                    help="calibration samples per product and per float32 Gram matrix "
                         "(default: 2048 tokens' worth); more is faster and takes more memory, "
                         "and changes H in its float32 rounding")
+    from refq.finetune import add_flags
+    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm)
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
@@ -242,6 +244,9 @@ def cmd_quantize(args):
         raise RefqError(f"--calib-batch {args.calib_batch}: need at least 1 sample per batch")
     # Validate every option now rather than after calibration, naming the flag at fault.
     opts, full_opts = options_from_args(args)
+    from refq.finetune import make_layer_hook
+    from refq.finetune import options_from_args as finetune_options
+    ft_opts, ft_record = finetune_options(args, args.method), []
 
     folder = resolve_model(args.model)
     if is_packed(folder):
@@ -289,10 +294,17 @@ def cmd_quantize(args):
     # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
     bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",
                unit="tok", unit_scale=True, file=sys.stderr)
-    done = quantize_layers(model, windows, quantize, args.true_sequential,
-                           log=lambda i, s: bar.set_description(
-                               f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
-                           calib_batch=args.calib_batch, progress=bar.update, resume=state)
+    from refq.fisher import fisher_context        # squeezellm --sensitivity fisher: F first
+    say = lambda m: tqdm.write(m, file=sys.stderr)  # noqa: E731
+    with fisher_context(model, windows, full_opts, log=say) as f_info:
+        done = quantize_layers(
+            model, windows, quantize, args.true_sequential,
+            log=lambda i, s: bar.set_description(
+                f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
+            calib_batch=args.calib_batch, progress=bar.update,
+            resume=None if ft_opts else state,   # fine-tuned norms are not in the state
+            layer_hook=ft_opts and make_layer_hook(ft_opts, ft_record, say))
+    result.update(f_info)
     bar.close()
     quantized = dict(done)                           # with the layers of a resumed run
     rows = [state.notes[name] for name, _ in done]
@@ -312,6 +324,10 @@ def cmd_quantize(args):
                           "true_sequential": args.true_sequential}}
     if args.calib_batch is not None:
         qc["calibration"]["calib_batch"] = args.calib_batch
+    if ft_opts:                                    # block fine-tuning: settings, history, time
+        result["finetune"] = qc["finetune"] = {
+            "options": ft_opts, "seconds": round(sum(r["seconds"] for r in ft_record), 3),
+            "layers": ft_record}
     save_packed(args.out, folder, model, quantized, qc, force=args.force)
     state.remove()
 
@@ -345,7 +361,8 @@ def summarize(folder):
             "format_version": qc.get("format_version"),
             "quantized_linears": len(qws), "quantized_weights": n,
             "bits_per_weight": 8 * qbytes / n if n else 0.0, "bits_breakdown": breakdown,
-            "quantized_bytes": qbytes, "unquantized_bytes": other, "folder_bytes": files}
+            "quantized_bytes": qbytes, "unquantized_bytes": other, "folder_bytes": files,
+            **({"finetune": qc["finetune"]} if "finetune" in qc else {})}
 
 
 def cmd_info(args):
@@ -368,4 +385,11 @@ def cmd_info(args):
     print(f"  sizes            quantized tensors {mib(s['quantized_bytes'])}, "
           f"unquantized tensors {mib(s['unquantized_bytes'])}, folder {mib(s['folder_bytes'])}",
           file=out)
+    if "finetune" in s:                            # AQLM block fine-tuning's record
+        ft = s["finetune"]
+        print(f"  fine-tuning      {len(ft['layers'])} layers in {ft['seconds']:.1f} s, "
+              f"options {json.dumps(ft['options'])}", file=out)
+        for r in ft["layers"]:
+            hist = " ".join(f"{v:.4g}" for v in r["mse_history"])
+            print(f"    layer {r['layer']:<3} mse per epoch (0 = before): {hist}", file=out)
     return 0

@@ -151,7 +151,7 @@ def test_deterministic():
 @pytest.mark.parametrize("opt, value, match", [
     ("outlier_iqr", 0, "outlier_iqr"), ("outlier_iqr", -1.5, "outlier_iqr"),
     ("sensitive_frac", 1.0, "sensitive_frac"), ("sensitive_frac", -0.01, "sensitive_frac"),
-    ("sensitivity", "fisher", "sensitivity"), ("group_size", 8, "group_size"),
+    ("sensitivity", "gradient", "sensitivity"), ("group_size", 8, "group_size"),
 ])
 def test_option_errors(opt, value, match):
     with pytest.raises(RefqError, match=match) as e:

@@ -14,14 +14,15 @@ a weighted 1-D k-means, solved EXACTLY here by dynamic programming
 a local optimum, with random_state 0 and max_iter 50).
 
 Sensitivity (the weight source, pluggable: SENSITIVITY below, option
-`sensitivity`).  The paper uses the Fisher diagonal, F_rc = mean of the squared
-gradient of the loss w.r.t. W_rc over calibration data (needs a backward pass,
-which llama_np does not have yet).  refq's default "hessian_diag" is
+`sensitivity`).  The paper uses the Fisher diagonal, F_rc = sum over
+calibration windows of the squared gradient of the loss w.r.t. W_rc:
+sensitivity "fisher" (refq/fisher.py, computed once on the unquantized model
+by llama_np's backward pass before quantization).  refq's default "hessian_diag" is
 F_rc = H_cc = mean x_c²: the Fisher of the layer's output error under the
 assumption that the output gradients are uncorrelated with equal variance
 (∂L/∂W_rc = g_r x_c, E[g_r² x_c²] ∝ E[x_c²]); it is constant down a column,
 and is also the diagonal of the GPTQ objective tr((W - Ŵ) H (W - Ŵ)ᵀ).  A new
-source is one entry of SENSITIVITY: fn(W (out, in), H (in, in)) -> (out, in) >= 0.
+source is one entry of SENSITIVITY: fn(W (out, in), H (in, in), name) -> (out, in) >= 0.
 
 Dense-and-sparse (paper §4.2), both parts optional:
 - `outlier_iqr` r: with q1, q3 the quartiles of ALL entries of W and
@@ -49,12 +50,14 @@ import time
 import numpy as np
 
 from refq.errors import RefqError
+from refq.fisher import fisher_sensitivity
 from refq.methods.kmeans1d import kmeans1d, nearest_centroid
 from refq.options import BITS, Option, defaults
 
 SENSITIVITY = {
-    # name -> fn(W (out, in) float64, H (in, in) float64) -> (out, in) float64 >= 0
-    "hessian_diag": lambda W, H: np.broadcast_to(np.maximum(np.diag(H), 0.0), W.shape),
+    # name -> fn(W (out, in) float64, H (in, in) float64, tensor name) -> (out, in) float64 >= 0
+    "hessian_diag": lambda W, H, name: np.broadcast_to(np.maximum(np.diag(H), 0.0), W.shape),
+    "fisher": fisher_sensitivity,
 }
 
 OPTIONS = (
@@ -97,7 +100,7 @@ def quantize_squeezellm(W, H, opts, name=""):
     bits = opts["bits"]
     k = 2 ** bits
     out, n = W.shape
-    F = np.asarray(SENSITIVITY[opts["sensitivity"]](W, H), dtype=np.float64)   # (out, n)
+    F = np.asarray(SENSITIVITY[opts["sensitivity"]](W, H, name), dtype=np.float64)   # (out, n)
     if F.shape != W.shape or not np.all(np.isfinite(F)) or np.any(F < 0):
         raise RefqError(f"{name or 'squeezellm'}: sensitivity {opts['sensitivity']!r} "
                         f"is not a finite (out, in) array >= 0")

@@ -1,0 +1,154 @@
+"""AQLM block fine-tuning (refq/finetune.py): never worse on the calibration MSE (keep
+best), recovers a deliberately perturbed codebook, leaves the stored format (bits) alone,
+and `refq quantize --finetune` / `refq info` record its history."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_text, write_tiny_checkpoint
+from refq.api import quantize_weight
+from refq.finetune import finetune_layer
+
+from test_backward import tiny_config, tiny_model
+
+AQ = dict(num_codebooks=2, nbits_per_codebook=4, in_group_size=2, max_iters=3)   # 4 bits
+
+
+def block_mse(layer, xs, targets, pos):
+    """The layer's calibration MSE through its own forward (the kernels, not backward.py)."""
+    return float(np.mean([np.mean((layer.forward(x, pos) - t).astype(np.float64) ** 2)
+                          for x, t in zip(xs, targets)]))
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """Layer 0 of a tiny float32 model, its inputs/targets, then its linears AQLM-quantized."""
+    cfg = tiny_config(bias=True, layers=1)
+    model = tiny_model(cfg, np.float32, seed=3)
+    layer = model.layers[0]
+    rng = np.random.default_rng(0)
+    pos = np.arange(12)
+    xs = [rng.standard_normal((12, 16)).astype(np.float32) for _ in range(6)]
+    targets = [layer.forward(x, pos) for x in xs]
+    for n, lin in list(layer.linears.items()):
+        layer.linears[n] = quantize_weight(lin.weight, np.eye(lin.weight.shape[1]), "aqlm",
+                                           name=n, **AQ)
+    return layer, xs, targets, pos
+
+
+@pytest.fixture()
+def setup(quantized):
+    """A fresh copy for each test (fine-tuning changes the layer in place)."""
+    layer, xs, targets, pos = quantized
+    return copy.deepcopy(layer), xs, targets, pos
+
+
+def test_finetune_lowers_mse_and_keeps_bits(setup):
+    layer, xs, targets, pos = setup
+    bits = {n: q.bits_per_weight for n, q in layer.linears.items()}
+    shapes = {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()} for n, q in layer.linears.items()}
+    before = block_mse(layer, xs, targets, pos)
+    info = finetune_layer(layer, xs, targets, pos, dict(lr=1e-3, epochs=8, relative_tolerance=0))
+    after = block_mse(layer, xs, targets, pos)
+    assert info["mse_before"] == pytest.approx(before, rel=1e-4)
+    assert info["mse_after"] == pytest.approx(after, rel=1e-4)     # what is stored is what was measured
+    assert after < 0.9 * before
+    assert info["mse_after"] == min(info["mse_history"])
+    assert len(info["mse_history"]) == info["epochs"] + 1
+    assert {n: q.bits_per_weight for n, q in layer.linears.items()} == bits
+    assert {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()}
+            for n, q in layer.linears.items()} == shapes
+
+
+def test_keep_best_never_raises_the_mse(setup):
+    """A step size that only makes things worse: the layer comes back unchanged."""
+    layer, xs, targets, pos = setup
+    stored = {n: {k: v.copy() for k, v in q.tensors().items()} for n, q in layer.linears.items()}
+    before = block_mse(layer, xs, targets, pos)
+    info = finetune_layer(layer, xs, targets, pos, dict(lr=10.0, epochs=3))
+    assert max(info["mse_history"][1:]) > info["mse_history"][0]    # it did get worse...
+    assert block_mse(layer, xs, targets, pos) == before             # ...and none of it was kept
+    for n, q in layer.linears.items():
+        for k, v in q.tensors().items():
+            np.testing.assert_array_equal(v, stored[n][k])
+
+
+def test_perturbed_codebook_is_recovered(setup):
+    layer, xs, targets, pos = setup
+    q = layer.linears["mlp.up_proj"]
+    ref = block_mse(layer, xs, targets, pos)
+    rng = np.random.default_rng(5)
+    cb = q.codebooks.astype(np.float32)
+    q.codebooks = (cb + np.std(cb) * rng.standard_normal(cb.shape)).astype(np.float16)
+    q._dense = None
+    damaged = block_mse(layer, xs, targets, pos)
+    assert damaged > 10 * ref
+    finetune_layer(layer, xs, targets, pos, dict(lr=3e-3, epochs=60, relative_tolerance=0))
+    assert block_mse(layer, xs, targets, pos) <= ref + 0.1 * (damaged - ref)
+
+
+def test_cli_finetune_record_and_info(tmp_path, capsys):
+    from refq.cli import main
+    folder = str(tmp_path / "tiny")
+    write_tiny_checkpoint(folder)
+    calib = str(tmp_path / "calib.txt")
+    with open(calib, "w") as f:
+        f.write(tiny_text(np.random.default_rng(7).integers(2, 64, size=200)) + "\n")
+    common = ["quantize", "--model", folder, "--method", "aqlm", "--num-codebooks", "1",
+              "--nbits-per-codebook", "3", "--in-group-size", "4", "--max-iters", "2",
+              "--nsamples", "3", "--seqlen", "16", "--calib", calib, "--json"]
+    got = {}
+    for name, extra in (("plain", []), ("ft", ["--finetune", "--finetune-epochs", "2",
+                                                "--finetune-lr", "1e-3"])):
+        capsys.readouterr()
+        assert main(common + extra + ["--out", str(tmp_path / name)]) == 0
+        got[name] = json.loads(capsys.readouterr().out)
+    ft = got["ft"]["finetune"]
+    assert ft["options"]["lr"] == 1e-3 and ft["options"]["epochs"] == 2
+    assert [r["layer"] for r in ft["layers"]] == [0, 1]
+    for r in ft["layers"]:
+        assert 2 <= len(r["mse_history"]) <= 3 and r["mse_after"] <= r["mse_before"]
+    assert "finetune" not in got["plain"]
+    assert got["ft"]["bits_per_weight"] == got["plain"]["bits_per_weight"]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ft")]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning" in out and "layer 1" in out
+    assert main(["info", "--json", str(tmp_path / "ft")]) == 0
+    assert json.loads(capsys.readouterr().out)["finetune"]["layers"][1]["layer"] == 1
+    with open(os.path.join(tmp_path, "ft", "config.json")) as f:
+        assert json.load(f)["quantization_config"]["finetune"]["options"]["epochs"] == 2
+
+    # loss_and_grads on the packed checkpoint read back: gradients of the stored fields
+    from llama_np import loss_and_grads
+    from llama_np.generate import log_softmax_nll
+    from refq.checkpoint import load_packed_model
+    model = load_packed_model(str(tmp_path / "ft"))
+    ids = np.arange(2, 14)
+    loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(float(np.mean(log_softmax_nll(model.forward(ids[:-1]), ids[1:]))),
+                                 rel=1e-4)
+    q = model.layers[1].linears["mlp.down_proj"]
+    assert grads["model.layers.1.mlp.down_proj.codebooks"].shape == q.codebooks.shape
+    assert grads["model.layers.1.mlp.down_proj.scales"].shape == q.scales.shape
+    assert "model.layers.1.mlp.down_proj.weight" not in grads
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--method", "gptq", "--finetune"], "--finetune: only for --method aqlm"),
+    (["--method", "aqlm", "--finetune-lr", "1e-3"], "--finetune-lr: needs --finetune"),
+    (["--method", "aqlm", "--finetune", "--finetune-lr", "-1"], "--finetune-lr -1"),
+    (["--method", "aqlm", "--finetune", "--finetune-epochs", "0"], "--finetune-epochs 0"),
+])
+def test_cli_finetune_errors(tmp_path, capsys, extra, msg):
+    from refq.cli import main
+    folder = str(tmp_path / "tiny")
+    write_tiny_checkpoint(folder)
+    capsys.readouterr()
+    rc = main(["quantize", "--model", folder, *extra, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o")
