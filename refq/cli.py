@@ -18,11 +18,8 @@ import os
 import sys
 import time
 
+from refq.cli_common import DATA_DIR, DEFAULT_CALIB, DEFAULT_EVAL, read_text  # noqa: F401
 from refq.errors import RefqError
-
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
-DEFAULT_EVAL = os.path.join(DATA_DIR, "eval.txt")
-DEFAULT_CALIB = os.path.join(DATA_DIR, "calib.txt")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,18 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
 def _log(*a):
     print(*a, file=sys.stderr, flush=True)
-
-
-def read_text(path, option="--text"):
-    if not os.path.isfile(path):
-        raise RefqError(f"{option} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise RefqError(f"{option} {path}: not UTF-8 text") from None
-    except OSError as e:
-        raise RefqError(f"{option} {path}: cannot read ({e.strerror})") from None
 
 
 # --------------------------------------------------------------------------- fetch

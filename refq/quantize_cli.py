@@ -56,7 +56,7 @@ def _method_options():
 
 
 def add_commands(sub):
-    from refq.cli import DEFAULT_CALIB, DEFAULT_EVAL
+    from refq.cli_common import DEFAULT_CALIB, DEFAULT_EVAL
     from refq.methods import METHODS
     s = sub.add_parser("quantize", help="quantize a model into a packed checkpoint")
     s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
@@ -173,10 +173,10 @@ def cmd_quantize(args):
 
     from llama_np import Tokenizer, load_model
     from refq import __version__
-    from refq.api import layer_loss, quantize_weight
+    from refq.api import quantize_weight
     from refq.calibrate import calibration_windows, quantize_layers
     from refq.checkpoint import check_out_dir, save_packed
-    from refq.cli import read_text
+    from refq.cli_common import read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
     from refq.methods import METHODS
@@ -215,7 +215,7 @@ def cmd_quantize(args):
             q = quantize_weight(W, H, args.method, name=name, **opts)
         for w in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
             tqdm.write(f"warning: {w.message}", file=sys.stderr)
-        loss = layer_loss(W, q.dequantize(), H)
+        loss = q.info["loss"]                 # recorded once, by quantize_weight
         rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
         quantized[name] = q
         return q

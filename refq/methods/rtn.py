@@ -30,6 +30,7 @@ i = 0 is plain min-max, so the search is never worse in that norm.
 import numpy as np
 
 from refq.errors import RefqError
+from refq.formats.uniform import UniformWeight
 
 GRID = 100
 MAXSHRINK = 0.8
@@ -100,7 +101,6 @@ def group_bounds(n, group_size):
 
 def quantize_rtn(W, H, opts, name=""):
     """W (out, in) float64; H unused. -> UniformWeight."""
-    from refq.formats.uniform import UniformWeight
 
     bits, group_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     maxq = 2 ** bits - 1

@@ -49,7 +49,9 @@ import time
 import numpy as np
 
 from refq.errors import RefqError
+from refq.formats.row_lut import RowLutWeight
 from refq.methods.kmeans1d import kmeans1d, nearest_centroid
+from refq.numeric import layer_loss
 
 SENSITIVITY = {
     # name -> fn(W (out, in) float64, H (in, in) float64) -> (out, in) float64 >= 0
@@ -103,8 +105,6 @@ def sensitive_outliers(W, F, frac):
 
 def quantize_squeezellm(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> RowLutWeight."""
-    from refq.api import layer_loss
-    from refq.formats.row_lut import RowLutWeight
 
     tick = time.perf_counter()
     bits = opts["bits"]
