@@ -198,7 +198,6 @@ def check_shape(shape, opts, name=""):
 
 def quantize_aqlm(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 (mean x xᵀ) -> AdditiveWeight."""
-
     tick = time.perf_counter()
     check_shape(W.shape, opts, name)
     M, B, g = opts["num_codebooks"], opts["nbits_per_codebook"], opts["in_group_size"]

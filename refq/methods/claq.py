@@ -239,7 +239,6 @@ def _quantize_columns(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_aft
 # ---------------------------------------------------------------------------
 def quantize_claq(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> CodebookWeight."""
-
     tick = time.perf_counter()
     out, n = W.shape
     label = name or "claq"

@@ -98,7 +98,6 @@ def _quantize_columns(Wt, U, Err, codes_t, scales, zeros, gidx, maxq, j0, j1, bl
 # ---------------------------------------------------------------------------
 def quantize_gptq(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 (mean x xᵀ) -> UniformWeight."""
-
     bits, g_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     act_order, static = opts["act_order"], opts["static_groups"]
     tick = time.perf_counter()

@@ -240,7 +240,6 @@ def _init(W, H, opts, name):
 # ---------------------------------------------------------------------------
 def quantize_quantease(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> UniformWeight | UniformSparseWeight."""
-
     tick = time.perf_counter()
     out, n = W.shape
     bits, g_size = opts["bits"], opts["group_size"]

@@ -101,7 +101,6 @@ def group_bounds(n, group_size):
 
 def quantize_rtn(W, H, opts, name=""):
     """W (out, in) float64; H unused. -> UniformWeight."""
-
     bits, group_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     maxq = 2 ** bits - 1
     out, n = W.shape

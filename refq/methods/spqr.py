@@ -278,7 +278,6 @@ def fit_group(X, bits, sym, qq_bits, qq_group, name=""):
 # ---------------------------------------------------------------------------
 def quantize_spqr(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> SpqrWeight."""
-
     tick = time.perf_counter()
     bits, g, sym = opts["bits"], opts["group_size"], opts["sym"]
     qq_bits, qg = opts["qq_bits"], opts["qq_group_size"]

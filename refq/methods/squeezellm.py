@@ -105,7 +105,6 @@ def sensitive_outliers(W, F, frac):
 
 def quantize_squeezellm(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> RowLutWeight."""
-
     tick = time.perf_counter()
     bits = opts["bits"]
     k = 2 ** bits
