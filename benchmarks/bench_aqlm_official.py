@@ -16,7 +16,7 @@ Steps:
     build_cache if missing.
  2. official: the AQEngine of aq_engine.py on an nn.Linear holding W, with
     AQEngine.XTX = H (float64, its own convention: the mean of x xᵀ), and the
-    arguments of its main.py defaults except the ones the issue fixes:
+    arguments of its main.py defaults except these, fixed here:
     out_group_size 1, scale_nbits 0 (one scale per row), codebook_value_nbits
     16, init_max_iter 100, lr 1e-4, steps_per_epoch 100, beam_size 1,
     relative_mse_tolerance 0.01, max_epochs 100, torch.manual_seed(0) and
@@ -36,7 +36,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -44,6 +43,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from harness import OfficialWorker, build_cache, key, machine, settings  # noqa: E402
 
 CONFIGS = {"2x8": (2, 8), "1x16": (1, 16), "1x8": (1, 8), "4x8": (4, 8)}
 GROUP = 8
@@ -51,7 +51,7 @@ TOL = 0.01
 MAX_ITERS = 100
 
 
-def _key(name):
+def key(name):
     return name.replace(".", "_")
 
 
@@ -76,8 +76,8 @@ def run_official(a):
     for line in sys.stdin:
         name, _, cfg = line.strip().partition(" ")[2].partition("|")
         M, B = CONFIGS[cfg]
-        W = data["W_" + _key(name)]                        # (out, in) float32
-        H = data["H_" + _key(name)]                        # (in, in) float64, mean x xᵀ
+        W = data["W_" + key(name)]                        # (out, in) float32
+        H = data["H_" + key(name)]                        # (in, in) float64, mean x xᵀ
         torch.manual_seed(0)
         random.seed(0)
         layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
@@ -98,7 +98,7 @@ def run_official(a):
             t = time.perf_counter() - t0
             with torch.no_grad():
                 What = qw().detach().numpy().astype(np.float64)
-            np.save(os.path.join(a.out_dir, f"aqlm_official_{_key(name)}_{cfg}.npy"), What)
+            np.save(os.path.join(a.out_dir, f"aqlm_official_{key(name)}_{cfg}.npy"), What)
         except Exception as e:                             # e.g. its k-means with fewer points than codes
             t, err = time.perf_counter() - t0, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         print(json.dumps({"seconds": t, "error": err, "torch": torch.__version__,
@@ -110,7 +110,6 @@ def run_official(a):
 # ---------------------------------------------------------------------------
 def main_mode(a):
     sys.path.insert(0, REPO)
-    from bench_gptq_official import _machine, _settings, build_cache  # noqa: E402
     from refq.api import layer_loss, quantize_weight
 
     hpath = os.path.join(a.cache, "hessians.npz")
@@ -123,20 +122,12 @@ def main_mode(a):
         names_all = [f"{l}.{n}" for l in (0, 10, 20) for n in
                      ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
         build_cache(ga, names_all, hpath)
-        assert str(np.load(hpath)["settings"]) == _settings(ga)
+        assert str(np.load(hpath)["settings"]) == settings(ga)
     data = np.load(hpath)
 
-    cmd = [a.torch_python, os.path.abspath(__file__), "--run-official", "--official-dir",
-           a.official_dir, "--cache", a.cache, "--out-dir", a.out_dir, "--threads", str(a.threads)]
-    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def official(msg):
-        worker.stdin.write(msg + "\n")
-        worker.stdin.flush()
-        line = worker.stdout.readline()
-        if not line:
-            raise SystemExit(f"official worker died (exit {worker.wait()})")
-        return json.loads(line)
+    official = OfficialWorker(a.torch_python, __file__, [
+        "--official-dir", a.official_dir,
+        "--cache", a.cache, "--out-dir", a.out_dir, "--threads", str(a.threads)])
 
     # numba warm-up (compilation outside the timings): both codebook solvers, beam 1
     rng = np.random.default_rng(0)
@@ -150,7 +141,7 @@ def main_mode(a):
         M, B = CONFIGS[cfg]
         names = a.names_1x16 if cfg == "1x16" else a.names
         for name in names.split(","):
-            W, H = data["W_" + _key(name)], data["H_" + _key(name)]
+            W, H = data["W_" + key(name)], data["H_" + key(name)]
             off = official(f"RUN {name}|{cfg}")
             t0 = time.perf_counter()
             qw = quantize_weight(W, H, "aqlm", num_codebooks=M, nbits_per_codebook=B,
@@ -161,15 +152,14 @@ def main_mode(a):
             l_off = None
             if off["error"] is None:
                 l_off = layer_loss(W, np.load(os.path.join(
-                    a.out_dir, f"aqlm_official_{_key(name)}_{cfg}.npy")), H)
+                    a.out_dir, f"aqlm_official_{key(name)}_{cfg}.npy")), H)
             rows.append(dict(name=name, cfg=cfg, l_refq=l_refq, l_off=l_off, t_refq=t_refq,
                              t_off=off["seconds"], err=off["error"], iters=qw.info["iterations"],
                              bpw=qw.bits_per_weight))
             print(f"{name} {cfg}: refq {l_refq:.5g} in {t_refq:.1f} s ({qw.info['iterations']} it), "
                   f"official {l_off if l_off is None else f'{l_off:.5g}'} in {off['seconds']:.1f} s "
                   f"{off['error'] or ''}", file=sys.stderr, flush=True)
-    worker.stdin.close()
-    worker.wait()
+    official.close()
 
     print(f"\nrefq AQLM vs official Vahe1994/AQLM AQEngine, in_group_size {GROUP}, beam 1, "
           f"relative tolerance {TOL}. Loss = tr((W-Q) H (W-Q)ᵀ), float64, H = mean x xᵀ "
@@ -196,7 +186,7 @@ def main_mode(a):
           f"--threads {a.threads}`")
     blas = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
     numba_t = os.environ.get("NUMBA_NUM_THREADS") or "default"
-    print(f"Machine: {_machine()}; numpy {np.__version__} (BLAS threads: {blas}, numba threads: "
+    print(f"Machine: {machine()}; numpy {np.__version__} (BLAS threads: {blas}, numba threads: "
           f"{numba_t}).")
 
 

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench_gptq_official import _full_names, _key, _machine, _settings, build_cache, gmean  # noqa: E402
+from harness import (OfficialWorker, add_calibration_arguments, full_names, gmean, key,  # noqa: E402
+                     layers_npz, machine)
 
 # label -> (refq options, official fasterquant arguments)
 CONFIGS = {
@@ -79,7 +79,7 @@ def run_official(a):
             continue
         if cmd == "KMEANS":                                  # KMEANS name|bits|ncols
             name, bits, ncols = arg.split("|")
-            W = data["W_" + _key(name)]
+            W = data["W_" + key(name)]
             cols = W[:, :int(ncols)].astype(np.float64)
             t0 = time.perf_counter()
             cost = 0.0
@@ -93,11 +93,11 @@ def run_official(a):
         name, label = arg.split("|")
         kw = dict(bit=2, outlier=0, outlier_col_dynamic=False, outlierorder=0)
         kw.update(CONFIGS[label][1])
-        W = data["W_" + _key(name)]
+        W = data["W_" + key(name)]
         layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
         layer.weight.data = torch.from_numpy(W.copy())
         q = off_claq.CLAQ(layer)
-        q.H = torch.from_numpy((2.0 * data["H_" + _key(name)]).astype(np.float32))
+        q.H = torch.from_numpy((2.0 * data["H_" + key(name)]).astype(np.float32))
         q.nsamples = a.nsamples * a.seqlen
         with contextlib.redirect_stdout(io.StringIO()):
             t0 = time.perf_counter()
@@ -117,26 +117,16 @@ def main_mode(a):
     from refq.api import layer_loss, quantize_weight
     from refq.methods.kmeans1d import kmeans1d_centroids, kmeans_cost, nearest_centroid
 
-    names = _full_names(a)
+    names = full_names(a)
     hpath = os.path.join(a.cache, "hessians.npz")
-    if not os.path.isfile(hpath) or str(np.load(hpath)["settings"]) != _settings(a):
-        os.makedirs(a.cache, exist_ok=True)
-        build_cache(a, names, hpath)
-    data = np.load(hpath)
+    os.makedirs(a.cache, exist_ok=True)
+    data = layers_npz(a, names, hpath)
     if a.subset:
         names = [n for n in names if n in a.subset.split(",")]
-    cmd = [a.torch_python, os.path.abspath(__file__), "--run-official", "--official-dir",
-           a.official_dir, "--cache", a.cache, "--threads", str(a.threads),
-           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
-    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def official(msg):
-        worker.stdin.write(msg + "\n")
-        worker.stdin.flush()
-        line = worker.stdout.readline()
-        if not line:
-            raise SystemExit(f"official worker died (exit {worker.wait()})")
-        return json.loads(line)
+    official = OfficialWorker(a.torch_python, __file__, [
+        "--official-dir", a.official_dir,
+        "--cache", a.cache, "--threads", str(a.threads),
+        "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)])
 
     rng = np.random.default_rng(0)                          # numba warm-up outside the timings
     Xw = rng.standard_normal((512, 256))
@@ -146,7 +136,7 @@ def main_mode(a):
     # 1. k-means alone
     km_rows = []
     for name in names[:: max(1, len(names) // 4)]:
-        W = data["W_" + _key(name)].astype(np.float64)
+        W = data["W_" + key(name)].astype(np.float64)
         for bits in (2, 4):
             off = official(f"KMEANS {name}|{bits}|{a.kmeans_columns}")
             kmeans1d_centroids(W[:, 0], 2 ** bits)          # compiled outside the timing
@@ -164,7 +154,7 @@ def main_mode(a):
     if a.only_kmeans:
         names = []
     for name in names:
-        W, H = data["W_" + _key(name)], data["H_" + _key(name)]
+        W, H = data["W_" + key(name)], data["H_" + key(name)]
         for label, (opts, _) in CONFIGS.items():
             if label not in a.configs.split(","):
                 continue
@@ -182,11 +172,10 @@ def main_mode(a):
             print(f"{name} {label}: refq {t_r:.2f} s, official {t_o:.2f} s", file=sys.stderr,
                   flush=True)
     official("SAVE")
-    worker.stdin.close()
-    worker.wait()
+    official.close()
     off = np.load(os.path.join(a.cache, "claq_official.npz"))
     for r in rows:
-        r[3] = layer_loss(data["W_" + _key(r[0])], off[f"Q|{r[0]}|{r[1]}"], data["H_" + _key(r[0])])
+        r[3] = layer_loss(data["W_" + key(r[0])], off[f"Q|{r[0]}|{r[1]}"], data["H_" + key(r[0])])
 
     print(f"\n### k-means: refq exact DP vs sklearn KMeans (random_state 10, n_init auto), "
           f"first {a.kmeans_columns} columns of each layer\n")
@@ -218,7 +207,7 @@ def main_mode(a):
                   f"{sum(r[5] for r in sel):.1f} | {gmean([r[4] / r[5] for r in sel]):.3f} | |")
     print(f"\nCommand: `python benchmarks/bench_claq_official.py --official-dir OFFICIAL --layers "
           f"{a.layers} --linears {a.linears} --configs '{a.configs}' --subset '{a.subset}' --repeats {a.repeats}`")
-    print(f"Machine: {_machine()}; numpy {np.__version__}.")
+    print(f"Machine: {machine()}; numpy {np.__version__}.")
 
 
 def main():
@@ -226,15 +215,9 @@ def main():
     ap.add_argument("--official-dir", required=True)
     ap.add_argument("--torch-python", default="/tmp/tfenv/bin/python")
     ap.add_argument("--cache", default="/tmp/refq-layers")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--calib", default=os.path.join(REPO, "data", "calib.txt"))
-    ap.add_argument("--layers", default="0,10,20")
-    ap.add_argument("--linears", default="q_proj,o_proj,up_proj,down_proj")
+    add_calibration_arguments(ap)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--subset", default="", help="only these layers of the cache, e.g. 0.self_attn.q_proj")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--kmeans-columns", type=int, default=64)
     ap.add_argument("--only-kmeans", action="store_true", help="skip the whole-layer comparison")

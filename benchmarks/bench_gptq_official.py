@@ -34,14 +34,15 @@ import io
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from harness import (OfficialWorker, add_calibration_arguments, full_names, gmean, key,  # noqa: E402
+                     layers_npz, machine)
 
 # label -> (bits, group_size or None, act_order); all asymmetric min-max, percdamp .01, blocksize 128
 CONFIGS = {
@@ -52,10 +53,6 @@ CONFIGS = {
 }
 PERCDAMP = 0.01
 BLOCKSIZE = 128
-
-
-def _key(name):
-    return name.replace(".", "_")
 
 
 # ---------------------------------------------------------------------------
@@ -88,9 +85,9 @@ def run_official(a):
             continue
         name, label = arg.split("|")
         bits, g, act = CONFIGS[label]
-        W = data["W_" + _key(name)]                        # (out, in) float32
+        W = data["W_" + key(name)]                        # (out, in) float32
         if name not in H2:                                 # official scaling: 2/n Σ x xᵀ, float32
-            H2 = {name: torch.from_numpy((2.0 * data["H_" + _key(name)]).astype(np.float32))}
+            H2 = {name: torch.from_numpy((2.0 * data["H_" + key(name)]).astype(np.float32))}
         layer = nn.Linear(W.shape[1], W.shape[0], bias=False)
         layer.weight.data = torch.from_numpy(W.copy())
         q = off_gptq.GPTQ(layer)
@@ -110,95 +107,19 @@ def run_official(a):
 # ---------------------------------------------------------------------------
 # refq side
 # ---------------------------------------------------------------------------
-def build_cache(a, names, path):
-    sys.path.insert(0, REPO)
-    from llama_np import Tokenizer, load_model
-    from llama_np.model import LINEAR_GROUPS
-    from refq.calibrate import calibration_windows, capture_hessians
-    from refq.fetch import resolve_model
-
-    folder = resolve_model(a.model)
-    model, tok = load_model(folder), Tokenizer(folder)
-    with open(a.calib, encoding="utf-8") as f:
-        ids = tok.encode(f.read())
-    windows = calibration_windows(ids, a.nsamples, a.seqlen, a.seed)
-    pos = np.arange(a.seqlen)
-    hs = [model.embed(w) for w in windows]
-    wanted = {}                                            # layer -> [linear name]
-    for n in names:
-        i, lin = n.split(".", 1)
-        wanted.setdefault(int(i), []).append(lin)
-    arrays = {"names": np.array(json.dumps(names)), "settings": np.array(_settings(a))}
-    t0 = time.perf_counter()
-    for i, layer in enumerate(model.layers[:max(wanted) + 1]):
-        if i in wanted:
-            groups = [g for g in LINEAR_GROUPS if any(l in g for l in wanted[i])]
-            Hs = capture_hessians(layer, hs, pos, groups)      # dense: weights untouched
-            for lin in wanted[i]:
-                g = next(g for g in groups if lin in g)
-                arrays[f"W_{i}_{_key(lin)}"] = np.asarray(layer.linears[lin].dequantize(), np.float32)
-                arrays[f"H_{i}_{_key(lin)}"] = Hs[g]
-        if i < max(wanted):
-            hs = [layer.forward(h, pos) for h in hs]
-        print(f"calibration: layer {i} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
-              flush=True)
-    np.savez(path, **arrays)
-
-
-def _settings(a):
-    return json.dumps({"layers": a.layers, "linears": a.linears, "nsamples": a.nsamples,
-                       "seqlen": a.seqlen, "seed": a.seed, "calib": os.path.abspath(a.calib)})
-
-
-def _full_names(a):
-    lin_full = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
-                "v_proj": "self_attn.v_proj", "o_proj": "self_attn.o_proj",
-                "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
-    return [f"{int(l)}.{lin_full[n]}" for l in a.layers.split(",") for n in a.linears.split(",")]
-
-
-def _machine():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{model}, nproc {os.cpu_count()}, load average {load}"
-
-
-def gmean(xs):
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
-
 def main_mode(a):
     sys.path.insert(0, REPO)
     from refq.api import layer_loss, quantize_weight
 
     os.makedirs(a.cache, exist_ok=True)
-    names = _full_names(a)
+    names = full_names(a)
     hpath = os.path.join(a.cache, "hessians.npz")
-    fresh = not os.path.isfile(hpath) or str(np.load(hpath)["settings"]) != _settings(a)
-    if fresh:
-        build_cache(a, names, hpath)
-    data = np.load(hpath)
+    data = layers_npz(a, names, hpath)
 
-    cmd = [a.torch_python, os.path.abspath(__file__), "--run-official",
-           "--official-dir", a.official_dir, "--cache", a.cache, "--threads", str(a.threads),
-           "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)]
-    worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def official(msg):
-        worker.stdin.write(msg + "\n")
-        worker.stdin.flush()
-        line = worker.stdout.readline()
-        if not line:
-            raise SystemExit(f"official worker died (exit {worker.wait()})")
-        return json.loads(line)
+    official = OfficialWorker(a.torch_python, __file__, [
+        "--official-dir", a.official_dir,
+        "--cache", a.cache, "--threads", str(a.threads),
+        "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen)])
 
     # warm-up: compile the numba kernel for every code path outside the timings
     rng = np.random.default_rng(0)
@@ -210,8 +131,8 @@ def main_mode(a):
     # side by side: for each (layer, config), refq and official alternate, --repeats times each
     rows = []
     for name in names:
-        W = data["W_" + _key(name)]
-        H = data["H_" + _key(name)]
+        W = data["W_" + key(name)]
+        H = data["H_" + key(name)]
         for label, (bits, g, act) in CONFIGS.items():
             t_refq, t_off = math.inf, math.inf
             for _ in range(a.repeats):
@@ -224,11 +145,10 @@ def main_mode(a):
             print(f"{name} {label}: refq {t_refq:.3f} s, official {t_off:.3f} s", file=sys.stderr,
                   flush=True)
     official("SAVE")
-    worker.stdin.close()
-    worker.wait()
+    official.close()
     off = np.load(os.path.join(a.cache, "official.npz"))
     for r in rows:
-        r[3] = layer_loss(data["W_" + _key(r[0])], off[f"Q|{r[0]}|{r[1]}"], data["H_" + _key(r[0])])
+        r[3] = layer_loss(data["W_" + key(r[0])], off[f"Q|{r[0]}|{r[1]}"], data["H_" + key(r[0])])
 
     print(f"\nrefq GPTQ vs official IST-DASLab/gptq `fasterquant` (blocksize {BLOCKSIZE}, percdamp "
           f"{PERCDAMP}, asym min-max). Loss = tr((W-Q) H (W-Q)ᵀ), float64, H = mean x xᵀ of "
@@ -255,7 +175,7 @@ def main_mode(a):
           f"--layers {a.layers} --linears {a.linears} --nsamples {a.nsamples} --seqlen {a.seqlen} "
           f"--repeats {a.repeats} --threads {a.threads}`")
     blas = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
-    print(f"Machine: {_machine()}; numpy {np.__version__} (BLAS threads: {blas}).")
+    print(f"Machine: {machine()}; numpy {np.__version__} (BLAS threads: {blas}).")
 
 
 def main():
@@ -264,13 +184,7 @@ def main():
     ap.add_argument("--torch-python", default="/tmp/tfenv/bin/python",
                     help="a Python with torch (+ transformers, which gptq.py imports)")
     ap.add_argument("--cache", default="/tmp/refq-gptq-official", help="folder for the npz files")
-    ap.add_argument("--model", default=None, help="HF folder (default: the fetched SmolLM2-135M)")
-    ap.add_argument("--calib", default=os.path.join(REPO, "data", "calib.txt"))
-    ap.add_argument("--layers", default="0,10,20")
-    ap.add_argument("--linears", default="q_proj,o_proj,up_proj,down_proj")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    add_calibration_arguments(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the official code")
     ap.add_argument("--run-official", action="store_true", help=argparse.SUPPRESS)

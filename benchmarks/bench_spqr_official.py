@@ -28,13 +28,15 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from harness import add_npz_arguments, npz_main  # noqa: E402
+
 LAYERS = ["0_self_attn_q_proj", "0_self_attn_o_proj", "0_mlp_up_proj", "0_mlp_down_proj",
           "10_self_attn_q_proj", "10_self_attn_o_proj", "10_mlp_up_proj", "10_mlp_down_proj",
           "20_self_attn_q_proj", "20_self_attn_o_proj", "20_mlp_up_proj", "20_mlp_down_proj"]
@@ -83,27 +85,9 @@ def run_official(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--official-dir", required=True)
-    p.add_argument("--cache", default="/tmp/refq-layers/hessians.npz")
-    p.add_argument("--torch-python", default="/tmp/tfenv/bin/python")
-    p.add_argument("--layers", nargs="*", default=LAYERS)
-    p.add_argument("--out-npz", default="/tmp/scratch/spqr_official.npz")
-    p.add_argument("--run-official", action="store_true")
-    p.add_argument("--reuse", action="store_true")
-    a = p.parse_args()
-    if a.run_official:
-        return run_official(a)
-    if not (a.reuse and os.path.exists(a.out_npz)):
-        subprocess.run([a.torch_python, os.path.abspath(__file__), "--run-official",
-                        "--official-dir", a.official_dir, "--cache", a.cache,
-                        "--out-npz", a.out_npz, "--layers", *a.layers],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    off = np.load(a.out_npz)
-    offj = json.load(open(a.out_npz + ".json"))
-
-    sys.path.insert(0, REPO)
+    add_npz_arguments(p, LAYERS, "/tmp/scratch/spqr_official.npz")
+    a, off, offj, data = npz_main(p, run_official, __file__)
     import refq
-    data = np.load(a.cache)
     rng = np.random.default_rng(0)                                  # numba warm-up
     refq.quantize_weight(rng.standard_normal((16, 32)).astype(np.float32), np.eye(32), "spqr")
     print("| layer | config | official bits (own formula) | official bits (counted like refq) "

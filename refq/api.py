@@ -1,4 +1,4 @@
-"""Public Python API (contract, see DESIGN.md):
+"""Public Python API:
 
     quantize_weight(W, H, method, **options) -> QuantizedWeight
     layer_loss(W, Q, H) -> float
@@ -22,6 +22,7 @@ from refq.errors import RefqError
 from refq.formats.base import QuantizedWeight, load_quantized
 from refq.methods import METHODS
 from refq.options import Invalid
+from refq.numeric import layer_loss
 
 __all__ = ["quantize_weight", "layer_loss", "QuantizedWeight", "load_quantized", "METHODS"]
 
@@ -79,7 +80,9 @@ def quantize_weight(W, H, method, **options):
     W  (out, in) float32, y = x Wᵀ
     H  (in, in) float64, MEAN of x xᵀ over the calibration tokens (may be None
        for methods that do not use it, e.g. rtn)
-    -> QuantizedWeight (format "uniform" for rtn / gptq)
+    -> QuantizedWeight (format "uniform" for rtn / gptq); with H given, its
+       info["loss"] is layer_loss(W, Q, H) (AQLM: the same, from its float64
+       codebooks, as tracked in info["loss_history"])
     """
     name = options.pop("name", None) or ""
     prefix = f"{name}: " if name else ""
@@ -95,13 +98,7 @@ def quantize_weight(W, H, method, **options):
         H64 = _check_matrix(H, "H", prefix, shape=(W64.shape[1], W64.shape[1]))
     elif spec.needs_hessian:
         raise RefqError(f"{prefix}method {method!r} needs the Hessian H (in, in), got None")
-    return spec.fn(W64, H64, opts, name)
-
-
-def layer_loss(W, Q, H):
-    """trace((W - Q) H (W - Q)ᵀ) in float64.  W, Q (out, in); H (in, in)."""
-    E = np.asarray(W, dtype=np.float64) - np.asarray(Q, dtype=np.float64)   # (out, in)
-    H = np.asarray(H, dtype=np.float64)
-    if E.ndim != 2 or H.shape != (E.shape[1], E.shape[1]):
-        raise RefqError(f"layer_loss: shapes W {np.shape(W)}, Q {np.shape(Q)}, H {H.shape} do not match")
-    return float(np.sum((E @ H) * E))
+    qw = spec.fn(W64, H64, opts, name)
+    if H64 is not None and qw.info.get("loss") is None:   # the methods that do not record it
+        qw.info["loss"] = layer_loss(W64, qw.dequantize(), H64)
+    return qw

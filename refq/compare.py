@@ -313,7 +313,7 @@ def plot(rows, text, path):
 
 # ============================================================================ command
 def add_commands(sub):
-    from refq.cli import DEFAULT_CALIB, DEFAULT_EVAL
+    from refq.cli_common import DEFAULT_CALIB, DEFAULT_EVAL
     s = sub.add_parser("compare", help="quantize with several methods and tabulate "
                        "bits, perplexity, time, memory and size")
     s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
@@ -341,7 +341,7 @@ def cmd_compare(args):
     import shutil
 
     from refq import __version__
-    from refq.cli import read_text
+    from refq.cli_common import read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
 

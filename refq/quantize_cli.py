@@ -43,7 +43,7 @@ def _all_options():
 
 
 def add_commands(sub):
-    from refq.cli import DEFAULT_CALIB, DEFAULT_EVAL
+    from refq.cli_common import DEFAULT_CALIB, DEFAULT_EVAL
     from refq.methods import METHODS
     s = sub.add_parser("quantize", help="quantize a model into a packed checkpoint",
                        add_help=False, epilog=f"methods: {', '.join(METHODS)}. "
@@ -214,10 +214,10 @@ def cmd_quantize(args):
 
     from llama_np import Tokenizer, load_model
     from refq import __version__
-    from refq.api import layer_loss, quantize_weight
+    from refq.api import quantize_weight
     from refq.calibrate import calibration_windows, quantize_layers
     from refq.checkpoint import check_out_dir, save_packed
-    from refq.cli import check_positions, check_seed, read_text
+    from refq.cli_common import check_positions, check_seed, read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
     from refq.resume import ResumeState, run_fingerprint, state_dir
@@ -283,7 +283,7 @@ def cmd_quantize(args):
             q = quantize_weight(W, H, args.method, name=name, **opts)
         for w in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
             tqdm.write(f"warning: {w.message}", file=sys.stderr)
-        loss = layer_loss(W, q.dequantize(), H)
+        loss = q.info["loss"]                 # recorded once, by quantize_weight
         rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
         state.notes[name] = rows[-1]
         quantized[name] = q

@@ -8,9 +8,10 @@ Objective (as GPTQ, refq.methods.gptq), per linear layer with H = mean x xᵀ:
     min_Q  tr((W - Q) H (W - Q)ᵀ),   column j of Q taking values in a codebook
                                      C_j of 2^{b_j} centroids (non-uniform)
 
-The GPTQ column loop (paper §3.1, Algorithm 1), with the grid of column j
-replaced by the exact 1-D k-means of the CURRENT column (after the earlier
-columns' errors were pushed into it):
+The GPTQ column loop (paper §3.1, Algorithm 1; refq.methods.gptq_skeleton,
+this file holds only the per-column step), with the grid of column j replaced
+by the exact 1-D k-means of the CURRENT column (after the earlier columns'
+errors were pushed into it):
 
     C_j      = argmin_C Σ_r (w_rj - nearest_C(w_rj))²        (paper eq. 3; refq.methods.kmeans1d)
     q_j      = nearest_{C_j}(w_j)
@@ -48,16 +49,18 @@ Differences from the official code (on purpose):
   chosen, so the GPTQ error feedback sees the values the model will use.
 """
 
-import math
 import time
 
 import numpy as np
 from numba import njit
 
 from refq.errors import RefqError
-from refq.methods.gptq import inverse_cholesky
+from refq.formats.codebook import CodebookWeight
+from refq.formats.outliers import CSR
+from refq.methods.gptq_skeleton import obs_update, prepare, sweep
 from refq.methods.kmeans1d import kmeans1d_centroids
 from refq.options import ACT_ORDER, BLOCKSIZE, PERCDAMP, Option, defaults, no_effect
+from refq.numeric import layer_loss, round_fp16
 
 OPTIONS = (
     Option("bits", "number", 3, "bits per column: an integer, or an average in 2..4 reached "
@@ -138,21 +141,8 @@ def reservation_counts(scores, n_rows, r_high, r_low, top_frac):
 
 
 # ---------------------------------------------------------------------------
-# numba kernels: fp16 rounding, one column, one block of columns
+# numba kernels: one column, the columns of a block
 # ---------------------------------------------------------------------------
-@njit(cache=True)
-def round_fp16(x):
-    """x rounded to the nearest IEEE half-precision value (ties to even), as float64;
-    equals float(np.float16(x)) for |x| <= 65504 (numba has no float16 arithmetic)."""
-    if x == 0.0 or not np.isfinite(x):
-        return x
-    m, e = math.frexp(x)                      # x = m 2^e, 0.5 <= |m| < 1
-    if e < -13:                               # subnormal half: fixed quantum 2^-24
-        e = -13
-    quantum = math.ldexp(1.0, e - 11)         # 11 significant bits
-    return np.rint(x / quantum) * quantum
-
-
 @njit(cache=True)
 def quantize_column(w, b, n_res, fit_after, cents, codes, S):
     """One column (paper eq. 3 + outlier reservation).
@@ -199,26 +189,18 @@ def quantize_column(w, b, n_res, fit_after, cents, codes, S):
 
 
 @njit(cache=True)
-def _quantize_block(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_after, b0, b1):
-    """GPTQ's inner loop over processing-order columns b0..b1-1 (paper Algorithm 1).
+def _quantize_columns(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_after,
+                      j0, j1, block_start, block_end):
+    """CLAQ's step on processing-order columns j0..j1-1 of the block [block_start, block_end).
 
     Wt (n, out) columns of W as rows, updated in place; U (n, n) upper Cholesky factor of
     H^-1; Err (B, out) out: scaled errors of the block; cents_t (n, 256), codes_t (n, out),
     S_t (n, out) out: codebook, codes and corrections of each column; bits_p, nres_p (n,)
     bits and reserved count per tail of each processing-order column.
     """
-    out = Wt.shape[1]
-    for j in range(b0, b1):
+    for j in range(j0, j1):
         q = quantize_column(Wt[j], bits_p[j], nres_p[j], fit_after, cents_t[j], codes_t[j], S_t[j])
-        d = U[j, j]
-        e = j - b0
-        for r in range(out):
-            Err[e, r] = (Wt[j, r] - q[r]) / d            # err_j = (w_j - q_j) / U_jj  (eq. 5)
-        for k in range(j + 1, b1):                       # W[:, k] -= err_j U_jk, k in block
-            u = U[j, k]
-            if u != 0.0:
-                for r in range(out):
-                    Wt[k, r] -= Err[e, r] * u
+        obs_update(Wt, U, Err, q, j, block_start, block_end)   # err_j = (w_j - q_j) / U_jj (GPTQ eq. 5)
 
 
 # ---------------------------------------------------------------------------
@@ -226,20 +208,13 @@ def _quantize_block(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_after
 # ---------------------------------------------------------------------------
 def quantize_claq(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> CodebookWeight."""
-    from refq.api import layer_loss
-    from refq.formats.codebook import CodebookWeight
-    from refq.formats.outliers import CSR
-
     tick = time.perf_counter()
     out, n = W.shape
     label = name or "claq"
-    W_in, H_in = W, H
-    W, H = W.copy(), H.copy()
-    dead = np.diag(H) == 0                           # inputs that never fire (as GPTQ)
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    prep = prepare(W, H, opts["percdamp"], opts["act_order"], name)   # dead inputs, perm, U, Wt
+    perm = prep.perm
 
-    scores = outlier_scores(W, opts["outlier_threshold"])       # (in,)
+    scores = outlier_scores(prep.W, opts["outlier_threshold"])  # (in,) original column order
     if opts["column_bits"] is not None:
         col_bits = np.asarray(opts["column_bits"], dtype=np.int64)
         if col_bits.shape != (n,):
@@ -255,40 +230,30 @@ def quantize_claq(W, H, opts, name=""):
     else:
         n_res = np.zeros(n, dtype=np.int64)
 
-    if opts["act_order"]:                            # largest diag(H) first; stable ties
-        perm = np.argsort(-np.diag(H), kind="stable")
-        H = H[perm][:, perm]
-    else:
-        perm = np.arange(n)
-    U, p_used, retries = inverse_cholesky(H, opts["percdamp"], name)
-
-    Wt = np.ascontiguousarray(W[:, perm].T)          # (in, out) processing-order column j = row j
     bits_p = col_bits[perm].astype(np.int64)         # (in,) per processing-order column
     nres_p = n_res[perm].astype(np.int64)
     cents_t = np.zeros((n, 256))                     # (in, 256) codebooks, first 2^b used
     codes_t = np.zeros((n, out), dtype=np.uint8)     # (in, out)
     S_t = np.zeros((n, out))                         # (in, out) reserved corrections
-    bs = opts["blocksize"]
-    Err = np.zeros((min(bs, n), out))                # (B, out)
-    for b0 in range(0, n, bs):                       # lazy batch updates (GPTQ eq. 4)
-        b1 = min(b0 + bs, n)
-        _quantize_block(Wt, U, Err, cents_t, codes_t, S_t, bits_p, nres_p,
-                        opts["or_fit"] == "after", b0, b1)
-        if b1 < n:
-            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+    fit_after = opts["or_fit"] == "after"
+
+    def quantize_columns(j0, j1, b0, b1, Err):       # every column has its own codebook
+        _quantize_columns(prep.Wt, prep.U, Err, cents_t, codes_t, S_t, bits_p, nres_p, fit_after,
+                          j0, j1, b0, b1)
+
+    sweep(prep.Wt, prep.U, opts["blocksize"], quantize_columns)
     inv = np.argsort(perm)                           # back to the original column order
     codes = codes_t[inv].T                           # (out, in)
     S = S_t[inv].T                                   # (out, in)
     cents = [cents_t[inv[c], :2 ** int(col_bits[c])] for c in range(n)]
 
-    info = {"name": name, "percdamp_used": float(p_used), "damping_retries": int(retries),
-            "dead_inputs": int(dead.sum()),
-            "columns_per_bits": {str(int(b)): int(np.count_nonzero(col_bits == b))
-                                 for b in np.unique(col_bits)},
-            "mean_column_bits": float(col_bits.mean()),
-            "outliers": int(2 * n_res.sum())}
+    info = dict(prep.info(name),
+                columns_per_bits={str(int(b)): int(np.count_nonzero(col_bits == b))
+                                  for b in np.unique(col_bits)},
+                mean_column_bits=float(col_bits.mean()),
+                outliers=int(2 * n_res.sum()))
     qw = CodebookWeight.from_codes(codes, cents, col_bits, CSR.from_dense(S), method="claq",
                                    options=opts, info=info)
     qw.info["seconds"] = time.perf_counter() - tick
-    qw.info["loss"] = layer_loss(W_in, qw.dequantize(), H_in)
+    qw.info["loss"] = layer_loss(W, qw.dequantize(), H)
     return qw

@@ -33,10 +33,8 @@ more cluster never starts the last one earlier: Wang & Song), so opt_{m-1}(j)
 bounds the search from below as well.  The last row needs one cell only,
 D[k-1][n] (the backtrack starts there): it is a single O(n) scan.  In all
 O((k-2) n log n + n) time and O(k n) memory; on real weight columns each cell
-scans 5-10 candidate i on average.  (Measured and not kept: an O(n) per row
-"Knuth" fill opt_{m-1}(j) <= opt_m(j) <= opt_m(j+1) scans far more i for small
-m; stopping the scan once min(D[m-1][i:]) >= best saves ~20% of the scans but
-costs more than it saves; a vectorised two-pass scan loses on the short ranges.)
+scans 5-10 candidate i on average (alternatives measured and not kept:
+BENCHMARKS.md, issue 21 section).
 
 Determinism: ties in (2) keep the smallest i, so the result depends only on
 the values (and weights), never on their order or on thread counts.

@@ -18,7 +18,7 @@ so the unconstrained minimiser of column j is
 
     ũ_j = w_j + Σ_{k≠j} (w_k - ŵ_k) H_kj / H_jj                            (CD-1)
 
-(PLUS sign: the issue text and ALGORITHMS.md write a minus; the official code
+(PLUS sign: some write-ups of the update carry a minus; the official code
 computes the plus, as P - P_hat with P = W H/diag, and so does GPTQ's OBS
 update: an error pushed into correlated columns is compensated, not doubled).
 The remaining function of ŵ_j is H_jj ‖ŵ_j - ũ_j‖² + const, separable over
@@ -86,6 +86,10 @@ from refq.errors import RefqError
 from refq.methods import rtn
 from refq.methods.rtn import find_params, quantize_codes
 from refq.options import ACT_ORDER, PERCDAMP, Option, defaults, no_effect
+from refq.formats.uniform import UniformWeight
+from refq.formats.uniform_sparse import UniformSparseWeight
+from refq.methods.gptq import quantize_gptq
+from refq.numeric import fp16, layer_loss
 
 OPTIONS = rtn.OPTIONS + (
     ACT_ORDER.but(default=True),
@@ -182,16 +186,11 @@ def topk_mask(A, k):
     return mask.reshape(A.shape)
 
 
-def _fp16(A):
-    return A.astype(np.float16).astype(np.float64)
-
-
 def _init(W, H, opts, name):
     """Initial quantizer -> (order (n,), gidx (n,), scales (G, out), zeros (G, out),
     codes_t (n, out) uint8 in sweep order, store_perm bool, info dict).
 
     W (out, n) float64 is the weight the grid is fit on (outliers removed)."""
-    from refq.methods.gptq import quantize_gptq
     bits, g_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     out, n = W.shape
     g = g_size or n
@@ -235,10 +234,6 @@ def _init(W, H, opts, name):
 # ---------------------------------------------------------------------------
 def quantize_quantease(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> UniformWeight | UniformSparseWeight."""
-    from refq.api import layer_loss
-    from refq.formats.uniform import UniformWeight
-    from refq.formats.uniform_sparse import UniformSparseWeight
-
     tick = time.perf_counter()
     out, n = W.shape
     bits, g_size = opts["bits"], opts["group_size"]
@@ -254,7 +249,7 @@ def quantize_quantease(W, H, opts, name=""):
     What_t = scales[gidx] * (codes_t - zeros[gidx])      # (n, out) Ŵᵀ = s (q - z)
     St = np.zeros((n, out))                              # (n, out) Sᵀ, float16 values
     if k:
-        St = _fp16(np.where(M[:, order].T, Wt - What_t, 0.0))   # S0 = M ∘ (W - Ŵ0)
+        St = fp16(np.where(M[:, order].T, Wt - What_t, 0.0))   # S0 = M ∘ (W - Ŵ0)
         lam = float(scipy.linalg.eigh(H, eigvals_only=True, subset_by_index=[n - 1, n - 1])[0])
         if not lam > 0:
             raise RefqError(f"{name or 'quantease'}: H has no positive eigenvalue")
@@ -271,7 +266,7 @@ def quantize_quantease(W, H, opts, name=""):
         if k:
             # ---- S step: IHT with step 1/λ_max(H), float16 values, safeguarded
             cand = St + Rt / lam                         # S + R/λ      (IHT)
-            S_new = _fp16(np.where(topk_mask(cand, k), cand, 0.0))
+            S_new = fp16(np.where(topk_mask(cand, k), cand, 0.0))
             loss_new, R_new = _loss_t(Wt - S_new - What_t, Hs)
             if loss_new <= loss:
                 St, loss, Rt = S_new, loss_new, R_new

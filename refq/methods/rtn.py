@@ -31,6 +31,7 @@ import numpy as np
 
 from refq.errors import RefqError
 from refq.options import BITS, GROUP_SIZE, MSE, SYM, defaults
+from refq.formats.uniform import UniformWeight
 
 GRID = 100
 MAXSHRINK = 0.8
@@ -102,8 +103,6 @@ def group_bounds(n, group_size):
 
 def quantize_rtn(W, H, opts, name=""):
     """W (out, in) float64; H unused. -> UniformWeight."""
-    from refq.formats.uniform import UniformWeight
-
     bits, group_size, sym, mse = opts["bits"], opts["group_size"], opts["sym"], opts["mse"]
     maxq = 2 ** bits - 1
     out, n = W.shape

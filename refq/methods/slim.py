@@ -74,9 +74,11 @@ import numpy as np
 from numba import njit
 
 from refq.errors import RefqError
+from refq.formats.slim import SlimWeight
 from refq.methods import sparsity as sp
 from refq.methods.rtn import group_bounds
 from refq.options import BITS, BLOCKSIZE, PERCDAMP, Option, defaults, no_effect
+from refq.numeric import layer_loss
 
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
 
@@ -221,8 +223,6 @@ def slim_quantize(W, scale, bits):
 
 def quantize_slim_quant(W, H, opts, name=""):
     """`--method slim-quant`: W (out, in) float64; H optional (loss only). -> SlimWeight (dense)."""
-    from refq.api import layer_loss
-    from refq.formats.slim import SlimWeight
     tick = time.perf_counter()
     bits = opts["bits"]
     weights = None
@@ -337,8 +337,6 @@ def _compress(T, H, keep, pattern, p, bits, opts, name, fixed):
 
 def quantize_slim(W, H, opts, name=""):
     """`--method slim`: W (out, in) float64, H (in, in) float64. -> SlimWeight."""
-    from refq.api import layer_loss
-    from refq.formats.slim import SlimWeight
     tick = time.perf_counter()
     pattern, p = sp.parse_sparsity(opts["sparsity"])
     sp.check_shape(W.shape, pattern, name)

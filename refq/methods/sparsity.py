@@ -36,7 +36,8 @@ SparseGPT   (Frantar, Alistarh, "SparseGPT: Massive Language Models Can Be
             Accurately Pruned in One-Shot", arXiv 2301.00774; reference code
             IST-DASLab/sparsegpt `fasterprune`)
   Objective: min over mask M and kept values  tr((W - W_c) H (W - W_c)ᵀ).
-  Columns are processed left to right, exactly as in GPTQ (refq.methods.gptq):
+  Columns are processed left to right, exactly as in GPTQ (the loop of
+  refq.methods.gptq_skeleton; this file holds only the per-column step):
   with U the upper Cholesky factor of the damped H⁻¹ (H⁻¹ = Uᵀ U),
       mask selection (paper §3.3, eq. 7, "OBS saliency")
           ε_ij = w_ij² / [H⁻¹]_jj² = w_ij² / U_jj²   (on the CURRENT, updated w)
@@ -72,9 +73,11 @@ import numpy as np
 from numba import njit
 
 from refq.errors import RefqError
-from refq.methods.gptq import inverse_cholesky
+from refq.formats.slim import SlimWeight
+from refq.methods.gptq_skeleton import obs_update, prepare, sweep
 from refq.methods.rtn import find_params
 from refq.options import BITS, BLOCKSIZE, PERCDAMP, SYM, Option, defaults, no_effect
+from refq.numeric import layer_loss
 
 SPARSITY = Option("sparsity", "float", "2:4", "'2:4' (2 of every 4 consecutive inputs kept), "
                   "or the fraction p of each row's weights pruned", range="(0, 1)",
@@ -211,6 +214,7 @@ def _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant, choo
     scale, zero (out,) float64  grid of each row (quant only)
     """
     out = Wt.shape[1]
+    qj = np.empty(out)                                     # (out,) q_j
     for j in range(block_start, block_end):
         if choose24 and j % 4 == 0:
             # ε = w² / U_kk² for the 4 columns of the group; keep the 2 largest (eq. 7)
@@ -229,8 +233,6 @@ def _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant, choo
                         b, eb = c, e
                 for c in range(j, j + 4):
                     keep_t[c, r] = (c == a) or (c == b)
-        d = U[j, j]
-        e_row = j - block_start
         for r in range(out):
             w = Wt[j, r]
             q = 0.0                                        # pruned: q = 0
@@ -244,13 +246,8 @@ def _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant, choo
                         c = float(maxq)
                     codes_t[j, r] = np.uint8(c)
                     q = scale[r] * (c - zero[r])
-            Err[e_row, r] = (w - q) / d                    # err_j = (w_j - q_j) / U_jj
-            Wt[j, r] = q
-        for k in range(j + 1, block_end):                  # W[:, k] -= err_j U_jk  (eq. 3)
-            u = U[j, k]
-            if u != 0.0:
-                for r in range(out):
-                    Wt[k, r] -= Err[e_row, r] * u
+            qj[r] = q
+        obs_update(Wt, U, Err, qj, j, block_start, block_end)   # err_j, W[:, k>j] (eq. 3, GPTQ eq. 5)
 
 
 def sparsegpt_prune(W, H, pattern, p, percdamp=0.01, blocksize=128, grid=None,
@@ -265,12 +262,8 @@ def sparsegpt_prune(W, H, pattern, p, percdamp=0.01, blocksize=128, grid=None,
             percdamp_used, retries, dead)
     """
     out, n = W.shape
-    W = W.copy()
-    H = H.copy()
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    U, p_used, retries = inverse_cholesky(H, percdamp, name or "sparsegpt")
+    prep = prepare(W, H, percdamp, False, name or "sparsegpt")   # dead inputs, U, Wt = Wᵀ
+    Wt, U = prep.Wt, prep.U                                      # (n, out), (n, n)
 
     quant = grid is not None
     if quant:
@@ -282,13 +275,11 @@ def sparsegpt_prune(W, H, pattern, p, percdamp=0.01, blocksize=128, grid=None,
         scale = zero = np.zeros(out)
         maxq = 0
     fixed = keep is not None
-    Wt = np.ascontiguousarray(W.T)                               # (n, out)
     keep_t = (np.ascontiguousarray(keep.T) if fixed else np.ones((n, out), dtype=np.bool_))
     codes_t = np.zeros((n, out), dtype=np.uint8)                  # (n, out)
-    Err = np.zeros((min(blocksize, n), out))                      # (B, out)
     diagU = np.diag(U)
-    for b0 in range(0, n, blocksize):
-        b1 = min(b0 + blocksize, n)
+
+    def start_block(b0, b1):
         if not fixed and pattern != "2:4":
             # adaptive mask selection for the whole block: prune the k smallest ε
             eps = (Wt[b0:b1] / diagU[b0:b1, None]) ** 2          # (B, out)
@@ -297,21 +288,22 @@ def sparsegpt_prune(W, H, pattern, p, percdamp=0.01, blocksize=128, grid=None,
             blk = np.ones(eps.T.shape, dtype=np.bool_)           # (out, B)
             blk.reshape(-1)[flat] = False
             keep_t[b0:b1] = blk.T
+
+    def quantize_columns(j0, j1, b0, b1, Err):
         _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant,
                          (not fixed) and pattern == "2:4", b0, b1)
-        if b1 < n:                                                # lazy batch update (GPTQ eq. 4)
-            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+
+    sweep(Wt, U, blocksize, quantize_columns, start_block=start_block)
     return {"W_c": np.ascontiguousarray(Wt.T), "keep": np.ascontiguousarray(keep_t.T),
             "codes": np.ascontiguousarray(codes_t.T) if quant else None,
-            "percdamp_used": float(p_used), "retries": int(retries), "dead": int(dead.sum())}
+            "percdamp_used": float(prep.percdamp_used), "retries": int(prep.retries),
+            "dead": int(prep.dead.sum())}
 
 
 # ---------------------------------------------------------------------------
 # the methods
 # ---------------------------------------------------------------------------
 def _pack(W, H, opts, name, method, keep, W_c, codes, scale, zero, info, tick):
-    from refq.api import layer_loss
-    from refq.formats.slim import SlimWeight
     pattern, _ = parse_sparsity(opts["sparsity"])
     bits = opts["bits"]
     qw = SlimWeight.from_parts(

@@ -11,8 +11,8 @@ Objective: GPTQ's (paper eq. 1), min tr((W - Ŵ) H (W - Ŵ)ᵀ), with
     Ŵ = dense_part + S,   dense_part on a per-(row, group of g columns) grid,
     S sparse (the outliers, kept in float16).
 
-Algorithm (paper Alg. 1), on the GPTQ skeleton of refq.methods.gptq
-(Cholesky factor U of H⁻¹, lazy blocks of 128 columns, act_order):
+Algorithm (paper Alg. 1), on the GPTQ skeleton (refq.methods.gptq_skeleton:
+Cholesky factor U of H⁻¹, lazy blocks of 128 columns, act_order):
 
 1. Small groups: every g = group_size columns (processing order) a new
    min-max grid per row (3-4 bits; the grid of refq.methods.rtn), fit when the
@@ -73,11 +73,12 @@ import numpy as np
 from numba import njit
 
 from refq.errors import RefqError
-from refq.methods.gptq import inverse_cholesky
+from refq.formats.spqr import SpqrWeight
+from refq.methods.gptq_skeleton import obs_update, prepare, sweep
 from refq.methods.rtn import find_params
 from refq.options import ACT_ORDER, BITS, GROUP_SIZE, PERCDAMP, SYM, Option, defaults, no_effect
 
-_FP16_TINY = float(np.float16(2.0 ** -24))
+from refq.numeric import FP16_TINY, layer_loss, round_fp16
 
 OPTIONS = (
     BITS.but(default=3),
@@ -109,23 +110,6 @@ def validate(opts, given=()):
 
 
 # ---------------------------------------------------------------------------
-# float16 rounding inside numba (numba has no float16 type)
-# ---------------------------------------------------------------------------
-@njit(cache=True)
-def round_fp16(x):
-    """float64 -> the nearest float16 value (ties to even), as float64; |x| > 65504 -> ±inf."""
-    if x == 0.0 or not np.isfinite(x):
-        return x
-    m, e = math.frexp(abs(x))                 # |x| = m 2^e, m in [0.5, 1)
-    e = max(e - 1, -14)                       # exponent of |x|; subnormals share 2^-14
-    quantum = 2.0 ** (e - 10)                 # spacing of float16 in that binade
-    y = np.rint(x / quantum) * quantum        # exact: quantum is a power of two
-    if abs(y) > 65504.0:
-        return np.inf if y > 0 else -np.inf
-    return y
-
-
-# ---------------------------------------------------------------------------
 # numba kernel: GPTQ's column loop with the outlier criterion
 # ---------------------------------------------------------------------------
 @njit(cache=True)
@@ -143,10 +127,10 @@ def _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr, r
     thr     float             outlier threshold on ((w - q(w)) / U_jj)²  (eq. 6-7)
     """
     out = Wt.shape[1]
+    qhat = np.empty(out)                           # (out,) ŵ_j: dense part + outlier
     for j in range(j0, j1):
         d = U[j, j]
         g = gidx[j]
-        e = j - block_start
         for r in range(out):
             w = Wt[j, r]
             s = scales[g, r]
@@ -162,17 +146,12 @@ def _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr, r
             codes_t[j, r] = np.uint8(q)
             wq = s * (q - z)
             err = (w - wq) / d                     # GPTQ error (eq. 5)
-            if err * err > thr:                    # outlier: keep w (as dense + fp16 S)
+            if err * err > thr:                    # outlier (eq. 6-7): keep w (as dense + fp16 S)
                 sv = round_fp16(w - wq)
                 St[j, r] = sv
                 wq += sv
-                err = (w - wq) / d
-            Err[e, r] = err
-        for k in range(j + 1, block_end):          # W[:, k] -= err * U_jk, k in block
-            u = U[j, k]
-            if u != 0.0:
-                for r in range(out):
-                    Wt[k, r] -= Err[e, r] * u
+            qhat[r] = wq
+        obs_update(Wt, U, Err, qhat, j, block_start, block_end)   # err_j, W[:, k>j] (GPTQ eq. 5)
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +258,7 @@ def fit_group(X, bits, sym, qq_bits, qq_group, name=""):
         xmin, xmax = centre - half, centre + half
         scale = (xmax - xmin) / maxq
     sq = quantize_stat(scale, qq_bits, qq_group)
-    scale = np.maximum(sq[3], _FP16_TINY)                            # > 0 (lo > 0 already)
+    scale = np.maximum(sq[3], FP16_TINY)                            # > 0 (lo > 0 already)
     if sym:
         return scale, zero, (sq, None)
     zero = maxq / 2 - (xmin + xmax) / (2 * scale)
@@ -300,9 +279,6 @@ def check_shape(shape, opts, name=""):
 
 def quantize_spqr(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> SpqrWeight."""
-    from refq.api import layer_loss
-    from refq.formats.spqr import SpqrWeight
-
     tick = time.perf_counter()
     bits, g, sym = opts["bits"], opts["group_size"], opts["sym"]
     qq_bits, qg = opts["qq_bits"], opts["qq_group_size"]
@@ -310,22 +286,9 @@ def quantize_spqr(W, H, opts, name=""):
     out, n = W.shape
     check_shape(W.shape, opts, name)
     maxq = 2 ** bits - 1
-    W_in, H_in = W, H
-    W = W.copy()                                    # (out, n)
-    H = H.copy()                                    # (n, n)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    if opts["act_order"]:
-        perm = np.argsort(-np.diag(H), kind="stable")
-        H = H[perm][:, perm]
-    else:
-        perm = np.arange(n)
-    U, p_used, retries = inverse_cholesky(H, opts["percdamp"], name)
+    prep = prepare(W, H, opts["percdamp"], opts["act_order"], name)   # dead inputs, perm, U, Wt
+    Wt, U, perm = prep.Wt, prep.U, prep.perm
     Ud = np.diag(U).copy()                          # (n,)
-    Wt = np.ascontiguousarray(W[:, perm].T)         # (n, out) processing order
-    del W
 
     # threshold (eq. 7): τ · mean over columns of var_r(W[:, j]) / U_jj²
     outlier_scale = float(np.mean(np.var(Wt, axis=1, ddof=1) / Ud ** 2)) if out > 1 else 0.0
@@ -340,45 +303,36 @@ def quantize_spqr(W, H, opts, name=""):
     second.update({k: np.zeros((G, R), np.float16)
                    for k in ("scale_lo", "scale_step", "zero_lo", "zero_step")})
     gidx = (np.arange(n) // g).astype(np.int64)
-    Err = np.zeros((min(BLOCKSIZE, n), out))
     codes_t = np.zeros((n, out), np.uint8)
     St = np.zeros((n, out))
-    for b0 in range(0, n, BLOCKSIZE):               # blocks (lazy batch updates)
-        b1 = min(b0 + BLOCKSIZE, n)
-        j = b0
-        while j < b1:
-            if j % g == 0:                          # a group starts: fit its grid now
-                ge = j + g
-                cols = Wt[j:ge].copy()              # (g, out), brought up to date
-                if ge > b1:
-                    cols[b1 - j:] -= U[b0:j, b1:ge].T @ Err[:j - b0]
-                X = cols.T                          # (out, g)
-                if np.isfinite(thr) and opts["leave_one_out"]:
-                    likely = likely_outliers(X, Ud[j:ge], bits, sym, thr, qq_bits is not None, name)
-                    if qq_bits is None:             # 0 is in GPTQ's range: zero = left out
-                        X = np.where(likely, 0.0, X)
-                    else:                           # the official: the mean of the others
-                        cnt = np.maximum((~likely).sum(axis=1, keepdims=True), 1)
-                        mean = np.where(likely, 0.0, X).sum(axis=1, keepdims=True) / cnt
-                        X = np.where(likely, mean, X)
-                gi = j // g
-                scales[gi], zeros[gi], qq = fit_group(X, bits, sym, qq_bits, qg, name)
-                if qq is not None:
-                    for what, part in zip(("scale", "zero"), qq):
-                        if part is not None:
-                            (second[what + "_codes"][gi], second[what + "_lo"][gi],
-                             second[what + "_step"][gi], _) = part
-            stop = min(b1, (j // g + 1) * g)
-            _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr,
-                              qq_bits is not None, j, stop, b0, b1)
-            j = stop
-        if b1 < n:
-            Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
+
+    def start_group(j, cols):                       # a group starts: steps 3-4 on its columns
+        X = cols.T                                  # (out, g) brought up to date
+        if np.isfinite(thr) and opts["leave_one_out"]:
+            likely = likely_outliers(X, Ud[j:j + g], bits, sym, thr, qq_bits is not None, name)
+            if qq_bits is None:                     # 0 is in GPTQ's range: zero = left out
+                X = np.where(likely, 0.0, X)
+            else:                                   # the official: the mean of the others
+                cnt = np.maximum((~likely).sum(axis=1, keepdims=True), 1)
+                mean = np.where(likely, 0.0, X).sum(axis=1, keepdims=True) / cnt
+                X = np.where(likely, mean, X)
+        gi = j // g
+        scales[gi], zeros[gi], qq = fit_group(X, bits, sym, qq_bits, qg, name)
+        if qq is not None:
+            for what, part in zip(("scale", "zero"), qq):
+                if part is not None:
+                    (second[what + "_codes"][gi], second[what + "_lo"][gi],
+                     second[what + "_step"][gi], _) = part
+
+    def quantize_columns(j0, j1, b0, b1, Err):
+        _quantize_columns(Wt, U, Err, codes_t, St, scales, zeros, gidx, maxq, thr,
+                          qq_bits is not None, j0, j1, b0, b1)
+
+    sweep(Wt, U, BLOCKSIZE, quantize_columns, group_size=g, fit_group=start_group)
 
     inv = np.argsort(perm)
     S = St.T[:, inv]                                # (out, n) original column order
-    info = {"name": name, "percdamp_used": float(p_used), "damping_retries": int(retries),
-            "dead_inputs": int(dead.sum()), "outlier_threshold_abs": float(thr)}
+    info = dict(prep.info(name), outlier_threshold_abs=float(thr))
     qw = SpqrWeight.from_parts(
         codes=np.ascontiguousarray(codes_t.T), bits=bits, group_size=g, sym=sym,
         scales=scales.T, zeros=zeros.T, qq_bits=qq_bits, qq_group_size=qg,
@@ -386,5 +340,5 @@ def quantize_spqr(W, H, opts, name=""):
         perm=perm if opts["act_order"] else None, S=S, options=opts, info=info)
     qw.info["outliers"] = qw.outliers.nnz
     qw.info["seconds"] = time.perf_counter() - tick
-    qw.info["loss"] = layer_loss(W_in, qw.dequantize(), H_in)
+    qw.info["loss"] = layer_loss(W, qw.dequantize(), H)
     return qw

@@ -53,6 +53,8 @@ from refq.errors import RefqError
 from refq.fisher import fisher_sensitivity
 from refq.methods.kmeans1d import kmeans1d, nearest_centroid
 from refq.options import BITS, Option, defaults
+from refq.formats.row_lut import RowLutWeight
+from refq.numeric import layer_loss
 
 SENSITIVITY = {
     # name -> fn(W (out, in) float64, H (in, in) float64, tensor name) -> (out, in) float64 >= 0
@@ -93,9 +95,6 @@ def sensitive_outliers(W, F, frac):
 
 def quantize_squeezellm(W, H, opts, name=""):
     """W (out, in) float64, H (in, in) float64 -> RowLutWeight."""
-    from refq.api import layer_loss
-    from refq.formats.row_lut import RowLutWeight
-
     tick = time.perf_counter()
     bits = opts["bits"]
     k = 2 ** bits
