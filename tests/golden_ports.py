@@ -160,3 +160,25 @@ class MaskPort:
     def step_sparsegpt_mask_2of4(self, W, d):
         W, d = W.astype(self.f), d.astype(self.f)
         return {"keep": self._keep((W / d[None, :]) ** 2)}
+
+
+class QuanteasePort:
+    """QuantEase (Behdin et al. 2023) Lemma 1: with the other columns fixed, the best column j
+    on its grid is the rounding of u_j = w_j + Σ_{k≠j} (w_k - ŵ_k) H_kj / H_jj; a sweep
+    applies it to j = 0..n-1 in turn (computed directly, not incrementally)."""
+
+    def __init__(self, dtype=np.float32):
+        self.f = np.dtype(dtype)
+
+    def step_quantease_sweep(self, W, H, W_hat, scale, zero, bits):
+        f = self.f
+        W, H, Wh = W.astype(f), H.astype(f), W_hat.astype(f).copy()
+        s, z = scale.astype(f), zero.astype(f)
+        for j in range(W.shape[1]):
+            if H[j, j] <= 0:
+                continue
+            E = W - Wh
+            u = Wh[:, j] + (E @ H[:, j]) / H[j, j]            # = w_j + Σ_{k≠j} e_k H_kj / H_jj
+            q = np.clip(np.rint(u / s[:, j]) + z[:, j], 0, 2 ** bits - 1)
+            Wh[:, j] = s[:, j] * (q - z[:, j])
+        return {"W_hat": Wh}

@@ -168,6 +168,27 @@ def test_sparsegpt_and_squeezellm_steps_are_refq_state():
                     assert np.array_equal(np.sort(c["centroids"].astype(np.float16)), q.lut[r])
 
 
+def test_quantease_sweep_step_is_refq_first_sweep():
+    """The quantease_sweep reference from trace_quantease's state = refq's result after one
+    sweep (iters=1; with outliers the S step that follows changes S only)."""
+    from refq.api import quantize_weight, validate_options
+    from refq.methods.quantease import _init, topk_mask
+    for label, inp, given in golden.CASES["quantease"]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options("quantease", dict(given, iters=1))
+        q = quantize_weight(d["W"], d["H"], "quantease", **opts)
+        W = np.asarray(d["W"], np.float64)
+        (s,) = steps.trace_quantease(W, d["H"], opts)
+        ref = steps.KINDS["quantease_sweep"].reference(s["inputs"], s["params"])["W_hat"]
+        k = int(round(opts["outlier_frac"] * W.size))
+        order = _init(np.where(topk_mask(W, k), 0.0, W), d["H"], opts, "")[0]
+        nf = golden.neutral_fields(q)
+        Wh = nf["scales"][:, nf["g_idx"]] * (nf["codes"] - nf["zeros"][:, nf["g_idx"]])
+        assert np.array_equal(Wh[:, order], ref.astype(np.float32)), label
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq"])
 def test_step_traces_replay_refq_bit_for_bit(method):
     """Each trace_<method> replays refq's algorithm and records its state; the replay must

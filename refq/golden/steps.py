@@ -464,10 +464,57 @@ class WeightedKmeans1d(Kmeans1d):
                                            f"{dc:.3g}"), err=cost - rc, tol=tol)
 
 
+
+class QuanteaseSweep(Kind):
+    name = "quantease_sweep"
+    doc = ("QuantEase: one cyclic coordinate-descent sweep with the grids fixed.  W (out, n) the "
+           "target (W - S; columns in sweep order), H (n, n) in sweep order, W_hat (out, n) the "
+           "current grid values, scale, zero (out, n) the grid of each entry, bits -> W_hat "
+           "(out, n) after the pass j = 0..n-1: for each column with H_jj > 0, u = W_hat_j + "
+           "R_j / H_jj with R = (W - W_hat) H up to date, W_hat_j = scale (clip(round_half_even"
+           "(u / scale) + zero, 0, 2^bits - 1) - zero) (QuantEase Lemma 1).  Judged by the "
+           "objective f = tr((W - W_hat) H (W - W_hat)ᵀ): a rounding tie flipped by float32 "
+           "moves the rest of the sweep, so the codes are compared, not required.")
+
+    def reference(self, inputs, params):
+        from refq.methods.quantease import _loss_t, _sweep
+        W, H, Wh = inputs["W"], inputs["H"], inputs["W_hat"]
+        n, out = W.shape[1], W.shape[0]
+        What_t = np.ascontiguousarray(Wh.T.copy())
+        sc = np.ascontiguousarray(inputs["scale"].T)           # one "group" per column
+        ze = np.ascontiguousarray(inputs["zero"].T)
+        codes_t = np.ascontiguousarray(
+            np.clip(np.rint(What_t / sc) + ze, 0, 255).astype(np.uint8))
+        _, Rt = _loss_t(np.ascontiguousarray(W.T) - What_t, np.ascontiguousarray(H))
+        _sweep(What_t, codes_t, Rt, np.ascontiguousarray(H), sc, ze,
+               np.arange(n, dtype=np.int64), 2 ** params["bits"] - 1)
+        return {"W_hat": What_t.T.copy()}
+
+    @staticmethod
+    def objective(inp, Wh):
+        E = inp["W"] - Wh
+        return float(np.sum((E @ inp["H"]) * E))
+
+    def judge(self, inputs, params, ref, got):
+        R = ref["W_hat"]
+        G = _arr(got, "W_hat", R.shape, "float").astype(np.float64)
+        # every entry must be a point of its grid
+        q = (G / inputs["scale"]) + inputs["zero"]
+        off = np.abs(q - np.rint(q)) > 1e-3
+        lg, lr = self.objective(inputs, G), self.objective(inputs, R)
+        band = 2.0 ** -16
+        frac = float(np.mean(np.abs(G - R) > 0.5 * inputs["scale"]))
+        ok = lg <= lr * (1 + band) + 1e-300 and not off.any()
+        extra = f"; {int(off.sum())} entries not on their grid" if off.any() else ""
+        return dict(_msg(ok, f"objective {lg:.9g} vs refq's {lr:.9g} (band {band:.3g} relative); "
+                             f"{100 * frac:.2f}% of entries on another grid point{extra}"),
+                    err=lg - lr)
+
+
 KINDS = {k.name: k for k in (DampedInverseCholesky(), UniformGrid(), UniformCodes(),
                              GptqBlockUpdate(), Kmeans1d(), ClaqAllocateBits(), ClaqOutliers(),
                              AqlmCodebooks(), WandaMask2of4(), SparsegptMask2of4(),
-                             WeightedKmeans1d())}
+                             WeightedKmeans1d(), QuanteaseSweep())}
 
 
 # ============================================================================ traces
@@ -733,8 +780,29 @@ def trace_squeezellm(W, H, opts):
     return steps
 
 
-def case_steps(method, W, H, opts, q):
-    """The teacher-forced steps of one case -> list of {"id", "kind", "inputs", "params"}."""
+def trace_quantease(W, H, opts):
+    """The first CD sweep, from refq's initial quantizer (refq.methods.quantease._init), in
+    refq's sweep order, on the target W - S0."""
+    from refq.methods.quantease import _fp16, _init, topk_mask
+    W = np.asarray(W, np.float64)
+    out, n = W.shape
+    k = int(round(opts["outlier_frac"] * out * n))
+    M = topk_mask(W, k)
+    order, gidx, scales, zeros, codes_t, _, _ = _init(np.where(M, 0.0, W), H, opts, "")
+    Hs = np.ascontiguousarray(H[order][:, order])
+    Wt = np.ascontiguousarray(W[:, order].T)
+    What_t = scales[gidx] * (codes_t - zeros[gidx])
+    St = _fp16(np.where(M[:, order].T, Wt - What_t, 0.0)) if k else np.zeros((n, out))
+    return [_step("sweep-1", "quantease_sweep",
+                  {"W": (Wt - St).T.copy(), "H": Hs, "W_hat": What_t.T.copy(),
+                   "scale": scales[gidx].T.copy(), "zero": zeros[gidx].T.copy()},
+                  {"bits": opts["bits"]}, shared={"H": "H"} if np.array_equal(Hs, H) else None)]
+
+
+def case_steps(method, W, H, opts, q, real=False):
+    """The teacher-forced steps of one case -> list of {"id", "kind", "inputs", "params"}.
+    real: the case is on the real SmolLM2 slice (QuantEase's sweep is left out there: its
+    inputs would add 0.4 MB for a step the synthetic cases already pin)."""
     if method == "rtn":
         return trace_rtn(W, H, opts)[0]
     if method == "gptq":
@@ -749,11 +817,12 @@ def case_steps(method, W, H, opts, q):
         return trace_sparsegpt(W, H, opts)[0]
     if method == "squeezellm":
         return trace_squeezellm(W, H, opts)
+    if method == "quantease" and not real:
+        return trace_quantease(W, H, opts)
     return []
 
 
 # Sub-steps the issue lists that are not in the steps tier yet (GOLDEN.md says so):
 NOT_YET = ["AQLM: one beam-search pass given codebooks",
            "SpQR: a group's outliers and bilevel statistics",
-           "QuantEase: one coordinate-descent sweep",
            "SLiM: the alpha search and the adapter SVD"]
