@@ -24,6 +24,20 @@ from refq.methods.rtn import find_params, quantize_codes, dequantize_codes
 
 
 # ============================================================================ helpers
+def _refq_function(name, *modules):
+    """refq's function `name` from the first of `modules` that has it (a sub-step may move
+    between modules when the method files are reorganized; results stay bit-identical)."""
+    import importlib
+    for m in modules:
+        try:
+            fn = getattr(importlib.import_module(m), name, None)
+        except ImportError:
+            continue
+        if fn is not None:
+            return fn
+    raise ImportError(f"refq has no {name} in {', '.join(modules)}")
+
+
 def _msg(ok, text):
     return {"ok": bool(ok), "msg": text}
 
@@ -344,7 +358,8 @@ class AqlmCodebooks(Kind):
            "objective, not element by element (the minimizer need not be unique).")
 
     def reference(self, inputs, params):
-        from refq.methods.aqlm import solve_codebooks
+        solve_codebooks = _refq_function("solve_codebooks", "refq.methods.aqlm",
+                                         "refq.methods.aqlm_codebooks")
         C, _ = solve_codebooks(inputs["W"], inputs["H"], inputs["scales"],
                                inputs["codes"].astype(np.int64), inputs["codebooks"], "direct")
         return {"codebooks": C}
@@ -604,6 +619,7 @@ def trace_gptq(W, H, opts):
     codes_t = np.zeros((n, out))
     code_cols = {0, n // 2}
     blocks = set(_spots(n, bs)) if n > bs else set()
+    after = {}                                   # b0 -> (Err (out, B), W_rest (out, n - b1))
     for b0 in range(0, n, bs):
         b1 = min(b0 + bs, n)
         if b0 in blocks:
@@ -641,16 +657,45 @@ def trace_gptq(W, H, opts):
                                 "zero": zeros[gidx[cols]].T.copy()}, {}))
         if b1 < n:
             Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
-    return steps, {"codes": codes_t.T, "perm": perm, "scales": scales, "zeros": zeros}
+        if b0 in blocks:
+            after[b0] = (Err[:b1 - b0].T.copy(), Wt[b1:].T.copy())
+    return steps, {"codes": codes_t.T, "perm": perm, "scales": scales, "zeros": zeros,
+                   "blocks": after}
+
+
+def _fp16(x):
+    """Round to the nearest float16 value (ties to even), as float64."""
+    return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
+
+
+def claq_column(w, b, n_res, fit_after):
+    """CLAQ's quantization of one (error-updated) column, as refq.methods.claq does it:
+    reserve the n_res smallest and largest values (stable order), fit the exact k-means on
+    the rest (or_fit after) or on all, round the centroids to float16 and sort them, code
+    every value by its nearest centroid (ties to the lower), keep the reserved values as
+    float16 corrections.  -> (q (out,) the values used, centroids (2^b,), codes (out,),
+    reserved (out,) bool, fit (m,) the values the centroids were fit on)."""
+    from refq.methods.kmeans1d import kmeans1d_centroids, nearest_centroid
+    out = w.size
+    order = np.argsort(w, kind="mergesort")
+    reserved = np.zeros(out, bool)
+    if n_res:
+        reserved[order[:n_res]] = True
+        reserved[order[out - n_res:]] = True
+    fit = w[~reserved] if (n_res and fit_after and 2 * n_res < out) else w
+    c = np.sort(_fp16(kmeans1d_centroids(np.ascontiguousarray(fit), 1 << b)))
+    codes = nearest_centroid(w, c)
+    q = c[codes]
+    S = np.where(reserved, _fp16(w - q), 0.0)
+    return q + S, c, codes, reserved, fit
 
 
 def trace_claq(W, H, opts):
-    """Replay refq's CLAQ column loop (refq.methods.claq.quantize_claq), recording the bit
-    allocation (adaptive precision), the k-means of the first and the middle column, and the
-    outlier set of the first column with reserved values.
+    """Replay refq's CLAQ column loop (refq.methods.claq.quantize_claq) in numpy, recording
+    the bit allocation (adaptive precision), the k-means of the first and the middle column,
+    and the outlier set of the first column with reserved values.
     -> (steps, {"codes": (in, out) processing order, "perm", "cents": (in, 256)})."""
-    from refq.methods.claq import (allocate_bits, outlier_scores, quantize_column,
-                                   reservation_counts)
+    from refq.methods.claq import allocate_bits, outlier_scores, reservation_counts
     W, Hp, perm = _gptq_prepare(W, H, opts)
     out, n = W.shape
     steps = []
@@ -670,8 +715,7 @@ def trace_claq(W, H, opts):
     Wt = np.ascontiguousarray(W[:, perm].T)
     bits_p, nres_p = col_bits[perm], n_res[perm]
     cents_t = np.zeros((n, 256))
-    codes_t = np.zeros((n, out), np.uint8)
-    S_t = np.zeros((n, out))
+    codes_t = np.zeros((n, out), np.int64)
     bs = opts["blocksize"]
     Err = np.zeros((min(bs, n), out))
     fit_after = opts["or_fit"] == "after"
@@ -680,24 +724,17 @@ def trace_claq(W, H, opts):
         b1 = min(b0 + bs, n)
         for j in range(b0, b1):
             w = Wt[j].copy()
-            if j in km_cols or (nres_p[j] > 0 and not or_done):
-                r = int(nres_p[j])
-                order = np.argsort(w, kind="mergesort")
-                res = np.zeros(out, bool)
-                if r:
-                    res[order[:r]] = True
-                    res[order[out - r:]] = True
-                if r and not or_done:
-                    steps.append(_step(f"outliers-col{j}", "claq_outliers", {"w": w}, {"n_res": r}))
-                    or_done = True
-                if j in km_cols:
-                    fit = w[~res] if (r and fit_after and 2 * r < out) else w
-                    steps.append(_step(f"kmeans-col{j}", "kmeans1d", {"x": fit},
-                                       {"k": 2 ** int(bits_p[j])}))
-            q = quantize_column(Wt[j], int(bits_p[j]), int(nres_p[j]), fit_after,
-                                cents_t[j], codes_t[j], S_t[j])
+            r = int(nres_p[j])
+            q, c, codes, res, fit = claq_column(w, int(bits_p[j]), r, fit_after)
+            if r and not or_done:
+                steps.append(_step(f"outliers-col{j}", "claq_outliers", {"w": w}, {"n_res": r}))
+                or_done = True
+            if j in km_cols:
+                steps.append(_step(f"kmeans-col{j}", "kmeans1d", {"x": fit},
+                                   {"k": 2 ** int(bits_p[j])}))
+            cents_t[j, :c.size], codes_t[j] = c, codes
             e = j - b0
-            Err[e] = (Wt[j] - q) / U[j, j]
+            Err[e] = (w - q) / U[j, j]                     # err_j = (w_j - q_j) / U_jj
             Wt[j + 1:b1] -= np.outer(U[j, j + 1:b1], Err[e])
         if b1 < n:
             Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
@@ -722,11 +759,11 @@ def trace_wanda(W, H, opts):
 
 
 def trace_sparsegpt(W, H, opts):
-    """Replay refq's SparseGPT sweep (refq.methods.sparsity.sparsegpt_prune) block by block
-    with refq's own block function, recording the 2:4 choice of the first group of the first
-    block and of the block holding the middle column (the state when the sweep reaches it).
-    -> (steps, {"keep", "W_c"})."""
-    from refq.methods.sparsity import _sparsegpt_block, row_grid
+    """Replay refq's SparseGPT 2:4 sweep (refq.methods.sparsity.sparsegpt_prune) in numpy,
+    recording the 2:4 choice of the first group of the first block and of the block holding
+    the middle column, with the state the sweep has when it reaches them.
+    -> (steps, {"keep" (out, in), "W_c" (out, in)})."""
+    from refq.methods.sparsity import keep_2_of_4, row_grid
     out, n = W.shape
     if opts.get("sparsity") != "2:4":
         return [], None
@@ -739,26 +776,33 @@ def trace_sparsegpt(W, H, opts):
     bits = opts["bits"]
     quant = bits < 16
     if quant:
-        scale, zero = row_grid(np.asarray(W, np.float64), bits, opts["sym"])
+        scale, zero = row_grid(W, bits, opts["sym"])
         maxq = 2 ** bits - 1
-    else:
-        scale = zero = np.zeros(out)
-        maxq = 0
-    scale = np.ascontiguousarray(scale, dtype=np.float64)
-    zero = np.ascontiguousarray(zero, dtype=np.float64)
     bs = opts["blocksize"]
-    Wt = np.ascontiguousarray(W.T)
-    keep_t = np.ones((n, out), dtype=np.bool_)
-    codes_t = np.zeros((n, out), dtype=np.uint8)
+    Wt = np.ascontiguousarray(W.T)                     # (n, out)
+    keep_t = np.ones((n, out), dtype=bool)
     Err = np.zeros((min(bs, n), out))
     steps, record = [], set(_spots(n, bs))
     for b0 in range(0, n, bs):
         b1 = min(b0 + bs, n)
-        if b0 in record:
-            steps.append(_step(f"group-col{b0}", "sparsegpt_mask_2of4",
-                               {"W": Wt[b0:b0 + 4].T.copy(), "d": np.diag(U)[b0:b0 + 4].copy()},
-                               {}))
-        _sparsegpt_block(Wt, U, Err, keep_t, codes_t, scale, zero, maxq, quant, True, b0, b1)
+        for j in range(b0, b1):
+            d = U[j, j]
+            if j % 4 == 0:                             # eps = w^2 / U_kk^2, keep 2 of 4 (eq. 7)
+                eps = Wt[j:j + 4] ** 2 / np.diag(U)[j:j + 4, None] ** 2
+                if j == b0 and b0 in record:
+                    steps.append(_step(f"group-col{b0}", "sparsegpt_mask_2of4",
+                                       {"W": Wt[j:j + 4].T.copy(),
+                                        "d": np.diag(U)[j:j + 4].copy()}, {}))
+                keep_t[j:j + 4] = keep_2_of_4(np.ascontiguousarray(eps.T)).T
+            w = Wt[j].copy()
+            q = np.where(keep_t[j], w, 0.0)
+            if quant:
+                c = np.clip(np.rint(w / scale) + zero, 0, maxq)
+                q = np.where(keep_t[j], scale * (c - zero), 0.0)
+            e = j - b0
+            Err[e] = (w - q) / d
+            Wt[j] = q
+            Wt[j + 1:b1] -= np.outer(U[j, j + 1:b1], Err[e])
         if b1 < n:
             Wt[b1:] -= U[b0:b1, b1:].T @ Err[:b1 - b0]
     return steps, {"keep": keep_t.T.copy(), "W_c": Wt.T.copy()}
