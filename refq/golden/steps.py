@@ -16,7 +16,7 @@ result bit for bit, so the recorded states are refq's.
 """
 import numpy as np
 
-from refq.golden.spec import U32, gamma
+from refq.golden.spec import U32
 
 # refq internals the steps call (their current public names; see GOLDEN.md)
 from refq.methods.gptq import inverse_cholesky
