@@ -189,6 +189,21 @@ def test_quantease_sweep_step_is_refq_first_sweep():
         assert np.array_equal(Wh[:, order], ref.astype(np.float32)), label
 
 
+def test_aqlm_beam_step_starts_from_refq_initial_state():
+    """trace_aqlm's initial codes/codebooks/scales have exactly the loss refq recorded for its
+    start (info["loss_history"][0])."""
+    from refq.api import quantize_weight, validate_options
+    from refq.golden.steps import AqlmCodebooks
+    label, inp, given = golden.CASES["aqlm"][0]
+    d, _ = golden.make_synthetic(inp)
+    opts = validate_options("aqlm", dict(given))
+    q = quantize_weight(d["W"], d["H"], "aqlm", **opts)
+    (_, beam) = steps.trace_aqlm(d["W"], d["H"], opts, q)
+    inp = beam["inputs"]
+    loss0 = AqlmCodebooks().objective(inp, inp["codebooks"])
+    assert loss0 == pytest.approx(q.info["loss_history"][0], rel=1e-12, abs=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq"])
 def test_step_traces_replay_refq_bit_for_bit(method):
     """Each trace_<method> replays refq's algorithm and records its state; the replay must

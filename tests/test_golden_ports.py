@@ -77,6 +77,10 @@ def test_float64_port_agrees_more_tightly(gptq32, gptq64):
 def test_kmeans_aqlm_and_mask_ports_pass(dtype):
     res = run(gp.ClaqPort(dtype), methods=["claq", "squeezellm"])
     res.update(run(gp.AqlmCodebookPort(dtype), methods=["aqlm"]))
+    beam = run(gp.AqlmBeamPort(dtype), methods=["aqlm"])
+    for name, r in beam.items():
+        assert r["ok"], (name, r["error"])
+        res[name]["tiers"]["steps"]["checks"].update(r["tiers"]["steps"]["checks"])
     res.update(run(gp.MaskPort(dtype), methods=["wanda", "sparsegpt"]))
     res.update(run(gp.QuanteasePort(dtype), cases=["quantease-w4", "quantease-w3g32-outliers"]))
     assert len(res) == 17
@@ -88,7 +92,7 @@ def test_kmeans_aqlm_and_mask_ports_pass(dtype):
         kinds |= {k.split("(")[1][:-1] for k in r["tiers"]["steps"]["checks"]}
     assert kinds == {"kmeans1d", "claq_allocate_bits", "claq_outliers", "weighted_kmeans1d",
                      "aqlm_codebooks", "wanda_mask_2of4", "sparsegpt_mask_2of4",
-                     "quantease_sweep"}
+                     "quantease_sweep", "aqlm_beam_pass"}
 
 
 # --------------------------------------------------------------------------- injected bugs
