@@ -160,3 +160,64 @@ class MaskPort:
     def step_sparsegpt_mask_2of4(self, W, d):
         W, d = W.astype(self.f), d.astype(self.f)
         return {"keep": self._keep((W / d[None, :]) ** 2)}
+
+
+class QuanteasePort:
+    """QuantEase (Behdin et al. 2023) Lemma 1: with the other columns fixed, the best column j
+    on its grid is the rounding of u_j = w_j + Σ_{k≠j} (w_k - ŵ_k) H_kj / H_jj; a sweep
+    applies it to j = 0..n-1 in turn (computed directly, not incrementally)."""
+
+    def __init__(self, dtype=np.float32):
+        self.f = np.dtype(dtype)
+
+    def step_quantease_sweep(self, W, H, W_hat, scale, zero, bits):
+        f = self.f
+        W, H, Wh = W.astype(f), H.astype(f), W_hat.astype(f).copy()
+        s, z = scale.astype(f), zero.astype(f)
+        for j in range(W.shape[1]):
+            if H[j, j] <= 0:
+                continue
+            E = W - Wh
+            u = Wh[:, j] + (E @ H[:, j]) / H[j, j]            # = w_j + Σ_{k≠j} e_k H_kj / H_jj
+            q = np.clip(np.rint(u / s[:, j]) + z[:, j], 0, 2 ** bits - 1)
+            Wh[:, j] = s[:, j] * (q - z[:, j])
+        return {"W_hat": Wh}
+
+
+class AqlmBeamPort:
+    """AQLM (Egiazarian et al. 2024) step 2 with beam size 1: for each row, group k and
+    codebook m in the given orders, replace the code of (k, m) by the one that lowers
+    (w - ŵ) H (w - ŵ)ᵀ the most (keep the current code unless another is strictly better;
+    ties: the lower code).  Changing group k by Δ (g,) moves the loss by
+    -2 s Δᵀ (H r)_k + s² Δᵀ H_kk Δ, r = w - ŵ the row's residual."""
+
+    def __init__(self, dtype=np.float32):
+        self.f = np.dtype(dtype)
+
+    def step_aqlm_beam_pass(self, W, H, scales, codes, codebooks, group_order, book_order,
+                            beam_size):
+        if beam_size != 1:
+            raise NotImplementedError("beam size > 1")
+        f = self.f
+        W, H, s, C = W.astype(f), H.astype(f), scales.astype(f), codebooks.astype(f)
+        codes = codes.astype(np.int64).copy()
+        out, K, M = codes.shape
+        g = C.shape[2]
+        for i in range(out):
+            z = np.zeros(K * g, f)
+            for m in range(M):
+                z += C[m][codes[i, :, m]].reshape(-1)
+            r = W[i] - s[i] * z                                   # residual (in,)
+            for k in group_order:
+                sl = slice(k * g, (k + 1) * g)
+                Hkk = H[sl, sl]
+                for m in book_order:
+                    old = codes[i, k, m]
+                    D = C[m] - C[m][old]                           # (nc, g) Δ of every code
+                    hr = H[sl] @ r                                 # (H r)_k
+                    dL = -2 * s[i] * (D @ hr) + s[i] ** 2 * np.einsum("ca,ab,cb->c", D, Hkk, D)
+                    c = int(np.argmin(dL))
+                    if dL[c] < 0:
+                        r[sl] -= s[i] * D[c]
+                        codes[i, k, m] = c
+        return {"codes": codes}

@@ -168,6 +168,42 @@ def test_sparsegpt_and_squeezellm_steps_are_refq_state():
                     assert np.array_equal(np.sort(c["centroids"].astype(np.float16)), q.lut[r])
 
 
+def test_quantease_sweep_step_is_refq_first_sweep():
+    """The quantease_sweep reference from trace_quantease's state = refq's result after one
+    sweep (iters=1; with outliers the S step that follows changes S only)."""
+    from refq.api import quantize_weight, validate_options
+    from refq.methods.quantease import _init, topk_mask
+    for label, inp, given in golden.CASES["quantease"]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options("quantease", dict(given, iters=1))
+        q = quantize_weight(d["W"], d["H"], "quantease", **opts)
+        W = np.asarray(d["W"], np.float64)
+        (s,) = steps.trace_quantease(W, d["H"], opts)
+        ref = steps.KINDS["quantease_sweep"].reference(s["inputs"], s["params"])["W_hat"]
+        k = int(round(opts["outlier_frac"] * W.size))
+        order = _init(np.where(topk_mask(W, k), 0.0, W), d["H"], opts, "")[0]
+        nf = golden.neutral_fields(q)
+        Wh = nf["scales"][:, nf["g_idx"]] * (nf["codes"] - nf["zeros"][:, nf["g_idx"]])
+        assert np.array_equal(Wh[:, order], ref.astype(np.float32)), label
+
+
+def test_aqlm_beam_step_starts_from_refq_initial_state():
+    """trace_aqlm's initial codes/codebooks/scales have exactly the loss refq recorded for its
+    start (info["loss_history"][0])."""
+    from refq.api import quantize_weight, validate_options
+    from refq.golden.steps import AqlmCodebooks
+    label, inp, given = golden.CASES["aqlm"][0]
+    d, _ = golden.make_synthetic(inp)
+    opts = validate_options("aqlm", dict(given))
+    q = quantize_weight(d["W"], d["H"], "aqlm", **opts)
+    (_, beam) = steps.trace_aqlm(d["W"], d["H"], opts, q)
+    inp = beam["inputs"]
+    loss0 = AqlmCodebooks().objective(inp, inp["codebooks"])
+    assert loss0 == pytest.approx(q.info["loss_history"][0], rel=1e-12, abs=0)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq"])
 def test_step_traces_replay_refq_bit_for_bit(method):
     """Each trace_<method> replays refq's algorithm and records its state; the replay must
@@ -206,24 +242,25 @@ def test_step_traces_replay_refq_bit_for_bit(method):
         assert np.array_equal(codes, nf["codes"]), label
 
 
-def test_block_update_reference_matches_refq_kernel():
-    """steps.block_update (the reference of gptq_block_update) against refq's own numba
-    loop on the same inputs: identical Err and updated weights."""
-    from refq.methods.gptq import _quantize_columns
-    rng = np.random.default_rng(0)
-    out, m, B = 6, 20, 8
-    W = rng.standard_normal((out, m))
-    A = rng.standard_normal((m, m))
-    U = np.triu(np.linalg.cholesky(np.linalg.inv(A @ A.T + m * np.eye(m))).T)
-    s, z = np.full((1, out), 0.25), np.full((1, out), 7.0)
-    Wt = np.ascontiguousarray(W.T)
-    Err = np.zeros((B, out))
-    codes_t = np.zeros((m, out), np.uint8)
-    _quantize_columns(Wt, U, Err, codes_t, s, z, np.zeros(m, np.int64), 15, 0, B, 0, B)
-    rest = Wt[B:] - U[:B, B:].T @ Err
-    e, r = steps.block_update(W, U[:B], codes_t[:B].T.astype(np.float64),
-                              np.repeat(s.T, B, 1), np.repeat(z.T, B, 1))
-    assert np.array_equal(e, Err.T) and np.array_equal(r, rest.T)
+def test_block_update_reference_is_refq_state():
+    """steps.block_update (the reference of gptq_block_update) on a recorded block's start
+    state gives exactly the Err and updated weights refq's loop reached (the replay that
+    recorded them reproduces refq's result bit for bit: test above)."""
+    from refq.api import validate_options
+    n_blocks = 0
+    for label, inp, given in golden.CASES["gptq"]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options("gptq", dict(given))
+        st, res = steps.trace_gptq(d["W"], d["H"], opts)
+        for s in (s for s in st if s["kind"] == "gptq_block_update"):
+            b0 = int(s["id"].split("-")[1])
+            Err, rest = steps.block_update(**s["inputs"])
+            assert np.array_equal(Err, res["blocks"][b0][0]), (label, b0)
+            assert np.array_equal(rest, res["blocks"][b0][1]), (label, b0)
+            n_blocks += 1
+    assert n_blocks >= 4
 
 
 # --------------------------------------------------------------------------- tolerances

@@ -77,8 +77,13 @@ def test_float64_port_agrees_more_tightly(gptq32, gptq64):
 def test_kmeans_aqlm_and_mask_ports_pass(dtype):
     res = run(gp.ClaqPort(dtype), methods=["claq", "squeezellm"])
     res.update(run(gp.AqlmCodebookPort(dtype), methods=["aqlm"]))
+    beam = run(gp.AqlmBeamPort(dtype), methods=["aqlm"])
+    for name, r in beam.items():
+        assert r["ok"], (name, r["error"])
+        res[name]["tiers"]["steps"]["checks"].update(r["tiers"]["steps"]["checks"])
     res.update(run(gp.MaskPort(dtype), methods=["wanda", "sparsegpt"]))
-    assert len(res) == 15
+    res.update(run(gp.QuanteasePort(dtype), cases=["quantease-w4", "quantease-w3g32-outliers"]))
+    assert len(res) == 17
     kinds = set()
     for name, r in res.items():
         assert r["ok"], (name, r["error"])
@@ -86,7 +91,8 @@ def test_kmeans_aqlm_and_mask_ports_pass(dtype):
         assert r["tiers"]["decode"]["status"] == r["tiers"]["e2e"]["status"] == "not checked"
         kinds |= {k.split("(")[1][:-1] for k in r["tiers"]["steps"]["checks"]}
     assert kinds == {"kmeans1d", "claq_allocate_bits", "claq_outliers", "weighted_kmeans1d",
-                     "aqlm_codebooks", "wanda_mask_2of4", "sparsegpt_mask_2of4"}
+                     "aqlm_codebooks", "wanda_mask_2of4", "sparsegpt_mask_2of4",
+                     "quantease_sweep", "aqlm_beam_pass"}
 
 
 # --------------------------------------------------------------------------- injected bugs

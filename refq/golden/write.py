@@ -68,7 +68,8 @@ def write_case(tmp, method, label, inp, d, given):
         "neutral": {k: _shape_entry(v) for k, v in neutral.items()},
         "e2e": {"loss_band": spec.e2e_band(method)},
     }
-    st = steps_mod.case_steps(method, np.asarray(d["W"], np.float64), d["H"], opts, q)
+    st = steps_mod.case_steps(method, np.asarray(d["W"], np.float64), d["H"], opts, q,
+                              real=inp == spec.REAL_INPUT)
     if st:
         tensors, listing = {}, []
         for s in st:
