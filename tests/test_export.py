@@ -25,10 +25,12 @@ HEADS, KV_HEADS = 4, 2
 
 # --------------------------------------------------------------------------- fixtures
 def write_byte_bpe_tokenizer(folder):
-    """A byte-level BPE tokenizer of 256 byte tokens (no merges) + tokenizer_config."""
+    """A byte-level BPE tokenizer: 256 byte tokens and two merges ("Ġt", "he"): 258 tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({"Ġt": 256, "he": 257})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t"), ("h", "e")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.save(os.path.join(folder, "tokenizer.json"))
@@ -40,7 +42,7 @@ def write_byte_bpe_tokenizer(folder):
 def tiny(tmp_path_factory):
     """A tiny llama (hidden 64, ff 96: every width a multiple of 32), byte-BPE vocabulary."""
     folder = str(tmp_path_factory.mktemp("export") / "tiny")
-    write_tiny_checkpoint(folder, vocab=256, hidden=64, heads=HEADS, kv_heads=KV_HEADS, ff=96,
+    write_tiny_checkpoint(folder, vocab=258, hidden=64, heads=HEADS, kv_heads=KV_HEADS, ff=96,
                           layers=2, tokenizer=False)
     write_byte_bpe_tokenizer(folder)
     return folder
@@ -321,7 +323,8 @@ def test_gguf_metadata_and_unquantized_tensors(tiny, tmp_path):
               "tie_word_embeddings", "vocab_size", "bos_token_id", "eos_token_id"):
         assert cfg[k] == hf[k], k
     assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 256
+    assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 258
+    assert r.fields["tokenizer.ggml.merges"].contents() == ["Ġ t", "h e"]
     assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False
     ck = Checkpoint(tiny)
     for name in ("model.embed_tokens.weight", "model.norm.weight",
@@ -533,3 +536,27 @@ def test_gptq_packing_is_one_bitstream_of_words(bits):
         assert [int(w) & 0xFFFFFFFF for w in words[:, j]] == want
     np.testing.assert_array_equal(unpack_int32(words, bits, axis=0), codes)
     np.testing.assert_array_equal(unpack_int32(pack_int32(codes.T, bits, 1), bits, 1), codes.T)
+
+
+def test_gguf_back_through_gguf_import(tiny, tmp_path):
+    """The exported GGUF converted back by llama_np.gguf_import (the converter that reads
+    llama.cpp's own SmolLM2 GGUF): same weights bit for bit, same config, same tokens."""
+    from llama_np import Checkpoint, Tokenizer
+    from llama_np.gguf_import import convert_gguf
+    from refq.export import export_checkpoint
+    src = str(tmp_path / "refq")
+    qws = make_ckpt(tiny, src, "rtn", bits=4, group_size=32, sym=True)
+    export_checkpoint(src, "gguf", str(tmp_path / "g"))
+    back = convert_gguf(str(tmp_path / "g" / "model.gguf"), str(tmp_path / "hf"), progress=False)
+    ck, orig = Checkpoint(back), Checkpoint(tiny)
+    for name, q in qws.items():
+        np.testing.assert_array_equal(ck.get(name + ".weight"), q.dequantize(), err_msg=name)
+    for name in orig.names():
+        if not name.endswith("_proj.weight"):
+            np.testing.assert_array_equal(ck.get(name), orig.get(name), err_msg=name)
+    text = "Hello, the world! 12345 tokens\n\tand   spaces"
+    assert Tokenizer(back).encode(text) == Tokenizer(tiny).encode(text)
+    cfg_back = json.load(open(os.path.join(back, "config.json")))
+    cfg = json.load(open(os.path.join(tiny, "config.json")))
+    for k in ("hidden_size", "num_key_value_heads", "rope_theta", "rms_norm_eps", "vocab_size"):
+        assert cfg_back[k] == cfg[k], k

@@ -152,6 +152,8 @@ def tokenizer_fields(folder, vocab_size):
     tok_list = [tokens.get(i, f"[PAD{i}]") for i in range(n)]
     type_list = [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(n)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:      # gguf's writer drops an empty array, and llama.cpp requires the key
+        raise RefqError(f"{path}: a BPE tokenizer without merges cannot be written for llama.cpp")
     return tok_list, type_list, merges, pre_name
 
 
