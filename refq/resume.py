@@ -17,8 +17,9 @@ only complete files. A run restarted with the same arguments (the same
 fingerprint) loads layers 0..K-1 and inputs-K and continues at layer K; the
 computation from there is the same as an uninterrupted run's (the results do
 not depend on threads), so the output has the same bytes. A state with
-another fingerprint is discarded. The folder is removed once the output is
-written.
+another fingerprint is discarded. The folder is made when the first layer
+is finished (a run that fails before leaves nothing) and removed once the
+output is written.
 """
 import hashlib
 import json
@@ -99,10 +100,8 @@ class ResumeState:
         layers 0..K-1).  Starts a fresh state (K = 0) if there is none for this run."""
         from refq.formats.base import load_quantized
         k = self._layers_done()
-        if k == 0:
+        if k == 0:                  # none, or another run's: made afresh by the first save()
             shutil.rmtree(self.folder, ignore_errors=True)
-            os.makedirs(self.folder)
-            _write_json(self._path("fingerprint.json"), self.fingerprint)
             return 0, None, []
         restored = []
         for i in range(k):
@@ -135,6 +134,9 @@ class ResumeState:
         def npy(tmp):
             with open(tmp, "wb") as f:
                 np.save(f, X, allow_pickle=False)
+        if not os.path.exists(self._path("fingerprint.json")):
+            os.makedirs(self.folder, exist_ok=True)
+            _write_json(self._path("fingerprint.json"), self.fingerprint)
         _write_atomic(self._path(f"layer-{i}.npz"), npz)
         _write_json(self._path(f"layer-{i}.json"),
                     {"meta": meta, "notes": {n: self.notes[n] for n, _ in layer_done

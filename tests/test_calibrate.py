@@ -489,6 +489,12 @@ def test_killed_quantize_resumes_after_the_last_finished_layer(tmp_path, monkeyp
         assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
     assert not os.path.exists(state_dir(out))
 
+    # killed before any layer is finished: nothing is left beside --out
+    out = tmp_path / "early"
+    kill_at = "model.layers.0."
+    assert run(out) == 130
+    assert not out.exists() and not os.path.exists(state_dir(out))
+
     # killed again, then restarted with another seed: the state is not used
     out = tmp_path / "other"
     kill_at = "model.layers.3."
