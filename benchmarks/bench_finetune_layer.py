@@ -11,7 +11,7 @@ its targets the unquantized layer l on those inputs, exactly as
 layer the MSE history (epoch 0 = before) and the float32 (unrounded) MSE.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 \\
-        python benchmarks/bench_finetune_layer.py --layers 1 --nsamples 8 --max-iters 3
+        python benchmarks/bench_finetune_layer.py --layers 1 --nsamples 8 --max-iters 3 --epochs 8
 """
 import argparse
 import copy
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--max-iters", type=int, default=3)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--lrs", type=float, nargs="*", default=[1e-5, 1e-4, 1e-3])
+    ap.add_argument("--epochs", type=int, default=FT["epochs"])
     a = ap.parse_args()
     folder = ensure_default_model(progress=False)
     tok = Tokenizer(folder)
@@ -74,7 +75,7 @@ def main():
         record, tick = [], time.perf_counter()
         for i in range(a.layers):
             targets = [dense.layers[i].forward(h, pos) for h in hs]   # unquantized layer i
-            info = finetune_layer(m.layers[i], hs, targets, pos, dict(FT, lr=lr))
+            info = finetune_layer(m.layers[i], hs, targets, pos, dict(FT, lr=lr, epochs=a.epochs))
             record.append({"layer": i, "mse_history": info["mse_history"],
                            "mse_float32": info["mse_float32"], "epochs": info["epochs"],
                            "seconds": round(info["seconds"], 1)})
