@@ -136,9 +136,10 @@ def build_parser():
     s.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
     s.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
     s.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "seconds"} on stdout')
-    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+    s.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
-                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+                   "tensors (cpu, default; cpu-int: int16 activations, see refq.kernels), "
+                   "CUDA through CuPy (gpu), or dequantize (dequant)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("generate", help="continue a prompt")
@@ -148,9 +149,10 @@ def build_parser():
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+    s.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
-                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+                   "tensors (cpu, default; cpu-int: int16 activations, see refq.kernels), "
+                   "CUDA through CuPy (gpu), or dequantize (dequant)")
     s.set_defaults(func=cmd_generate)
 
     from refq import quantize_cli

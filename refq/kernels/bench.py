@@ -199,7 +199,7 @@ def add_commands(sub):
     k.add_argument("--shape", action="append", help="OUTxIN (repeatable; default: "
                    + ", ".join(SHAPES) + ")")
     k.add_argument("--batch", default="1", help="tokens per product, or a comma list (default 1)")
-    k.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu")
+    k.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu")
     k.add_argument("--repeat", type=int, default=7, help="timed repetitions (median; default 7)")
     k.add_argument("--json", action="store_true", help="print the results as one JSON object")
     k.set_defaults(func=cmd_bench_kernels)
