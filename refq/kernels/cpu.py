@@ -15,11 +15,24 @@ summed in an order fixed by the code, so 1 and N threads give bit-identical
 results (tests/test_kernels_cpu.py checks it). The official AQLM numba kernel
 parallelises over input groups and races on `out[i] +=`; none of these does.
 
-fastmath: the hot loops use only {"reassoc", "contract"} so that LLVM may
-vectorise the dot products (8 float lanes on AVX2) and fuse multiply-adds.
-The summation order is then fixed by the compiled code, not by the thread
-count: results are deterministic on one machine, and may differ in the last
-bits between CPUs with different vector widths. NaN/Inf semantics are kept.
+fastmath: the hot float loops use only {"reassoc", "contract"} so that LLVM
+may vectorise the dot products (8 float lanes on AVX2, 16 on AVX-512) and
+fuse multiply-adds; without them the loops stay scalar (5-10x slower). The
+summation order is then fixed by the compiled code, not by the thread count:
+results are deterministic on one machine, and may differ in the last bits
+between CPUs with different vector widths. NaN/Inf semantics are kept.
+
+Two kernel variants for the uniform formats (refq.kernels.matmul's `kernel`):
+  "cpu"      exact: float32 activations, within ~1e-6 relative of
+             x @ dequantize().T (the default);
+  "cpu-int"  x rounded per block of <= 128 stored columns to int16 with one
+             scale per block; each block's dot product with the codes is an
+             int32 multiply-add (vpmaddwd / VNNI vpdpwssd), float work once per
+             block and per group. Not exact: uniform_int_cpu states the error
+             bound (activation rounding x weight magnitudes). Its integer sums
+             are exact in any order, so it needs no fastmath at all.
+benchmarks/check_kernels_asm.py checks that both are compiled to vector
+multiply-adds.
 
 Formats and their kernels (x (T, in) float32, T small; y (T, out)):
 
@@ -355,7 +368,7 @@ def _uniform_units(bits, h):
                 acc = np.float32(0.0)
         return tot
 
-    @njit(parallel=True, fastmath=_FM)
+    @njit(parallel=True)
     def kernel_int(qw, s, z, xq, sx, xtsum, y):
         """xq (T, cpu, nu) int16 planes; sx (T, nblocks) f32; xtsum (T, G) f32; y written."""
         out = qw.shape[0]
