@@ -166,9 +166,10 @@ def build_parser():
                    "distributions and the top-1 agreement (as llama-perplexity's KL mode)")
     s.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "seconds"} on stdout '
                    '(+ protocol, ctx, and kld, kld_median, kld_p99, top1, ppl_reference)')
-    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+    s.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
-                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+                   "tensors (cpu, default; cpu-int: int16 activations, see refq.kernels), "
+                   "CUDA through CuPy (gpu), or dequantize (dequant)")
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of a packed checkpoint's tensors")
     s.set_defaults(func=cmd_eval)
@@ -180,9 +181,10 @@ def build_parser():
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
+    s.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu",
                    help="how a packed checkpoint multiplies: numba kernels on the packed "
-                   "tensors (cpu, default), CUDA through CuPy (gpu), or dequantize (dequant)")
+                   "tensors (cpu, default; cpu-int: int16 activations, see refq.kernels), "
+                   "CUDA through CuPy (gpu), or dequantize (dequant)")
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the sha256 check of a packed checkpoint's tensors")
     s.set_defaults(func=cmd_generate)

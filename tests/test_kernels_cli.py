@@ -105,6 +105,10 @@ def test_bench_kernels_json(capsys):
         ("codebook-w4", 1), ("codebook-w4", 3)]
     for r in rows:
         assert r["ms"] > 0 and r["gbps"] > 0 and r["blas_fp32_ms"] > 0 and r["copy_gbps"] > 0
+        assert 0 < r["ms_min"] <= r["ms"] and r["speedup_vs_blas_min"] > 0
+    import numba
+    assert res["numba"] == numba.__version__ and res["isa"] and res["cpu"]
+    assert "ISA:" in err and "load average" in err
 
 
 @pytest.mark.parametrize("args,what", [
@@ -112,6 +116,8 @@ def test_bench_kernels_json(capsys):
     (["--batch", "0"], "--batch"),
     (["--batch", "a"], "--batch"),
     (["--repeat", "0"], "--repeat"),
+    (["--format", "uniform-w9g128"], "--format"),
+    (["--format", "uniform-w3g0"], "--format"),
 ])
 def test_bench_kernels_bad_args(args, what, capsys):
     rc, out, err = cli(capsys, "bench", "kernels", "--format", "uniform-w4g128", *args)

@@ -54,6 +54,12 @@ CASES = [
     ("u4 g16 odd", lambda r: uniform(r, 37, 77, 4, 16)),                     # bytes kernel, ragged last group
     ("u2 g32 sym perm", lambda r: uniform(r, 41, 128, 2, 32, sym=True, perm=True)),
     ("u3 g20 perm", lambda r: uniform(r, 33, 100, 3, 20, perm=True)),       # bit-extraction kernel
+    ("u3 g32 perm", lambda r: uniform(r, 35, 160, 3, 32, perm=True)),       # 3-byte units, 8 codes each
+    ("u3 per-row odd", lambda r: uniform(r, 18, 77, 3, None)),              # row ends inside a unit
+    ("u3 g32 ragged", lambda r: uniform(r, 17, 100, 3, 32)),                # last group 4 columns
+    ("u5 g16 perm", lambda r: uniform(r, 21, 80, 5, 16, perm=True)),        # 5-byte units (int64 words)
+    ("u6 g8", lambda r: uniform(r, 19, 44, 6, 8, sym=True)),                # 3-byte units, 4 codes each
+    ("u7 g8", lambda r: uniform(r, 16, 40, 7, 8)),                          # 7-byte units
     ("u4 g7", lambda r: uniform(r, 20, 70, 4, 7)),                          # groups off byte boundary
     ("u8 per-channel", lambda r: uniform(r, 19, 70, 8, None)),
     ("u4 g16 + csr", lambda r: uniform(r, 29, 64, 4, 16, perm=True,
@@ -76,6 +82,19 @@ def test_kernel_equals_dequantize(name, build):
         y = matmul(q, x, "cpu")
         assert y.dtype == np.float32 and y.shape == (T, q.shape[0])
         assert rel(y, x @ W.T) <= TOL, (name, T, rel(y, x @ W.T))
+
+
+def test_units_kernel_is_the_path_for_3_bits():
+    """3-bit weights with groups of a multiple of 8 (or one group per row) run the unit
+    kernel (8 codes per 3 bytes), not the bit-extraction walk; a group size that splits
+    a unit (20) falls back to it. Both against dequantize()."""
+    import refq.kernels.cpu as kc
+    rng = np.random.default_rng(12)
+    for g, mode in ((128, "units"), (None, "units"), (24, "units"), (20, "bits")):
+        q = uniform(rng, 9, 256, 3, g, perm=g == 128)
+        assert kc._uniform_state(q)["mode"] == mode, g
+        x = rng.standard_normal((3, 256)).astype(np.float32)
+        assert rel(matmul(q, x), x @ q.dequantize().T) <= TOL
 
 
 def test_blas_path_and_small_path_agree(monkeypatch):

@@ -7,6 +7,10 @@
                for batches below BLAS_MIN_BATCH tokens; from there on,
                dequantize a tile of rows at a time and multiply it with BLAS
                (never a whole dense copy of the weight);
+    "cpu-int"  "cpu", except that the small-batch uniform products (RTN, GPTQ,
+               QuantEase, SpQR) quantize x per block to int16 and multiply-add
+               in int32 (cpu.uniform_int_cpu: NOT exact, within a stated bound);
+               other formats and the large-batch BLAS path are "cpu";
     "gpu"      CUDA kernels through CuPy (refq/kernels/gpu.py, cuda/*.cu);
     "dequant"  the reference: dequantize once (kept), then x @ W_hat.T.
 
@@ -30,7 +34,7 @@ import numpy as np
 
 from refq.errors import RefqError
 
-KERNELS = ("cpu", "gpu", "dequant")
+KERNELS = ("cpu", "cpu-int", "gpu", "dequant")
 
 # Batches of at least this many tokens go through dequantize-a-tile + BLAS on
 # the CPU (formats with a "dequant_rows" function). A cpu kernel may lower it
@@ -42,7 +46,7 @@ BLAS_MIN_BATCH = 12
 # Rows per dequantized tile on the BLAS path: about 4 MB of float32 per tile.
 TILE_FLOATS = 1 << 20
 
-_REGISTRY = {"cpu": {}, "gpu": {}, "dequant_rows": {}}
+_REGISTRY = {"cpu": {}, "cpu-int": {}, "gpu": {}, "dequant_rows": {}}
 
 
 def register(backend, *formats):
@@ -59,7 +63,7 @@ def register(backend, *formats):
 
 def _load_backend(backend):
     """Import the module that registers the kernels of `backend`."""
-    if backend in ("cpu", "dequant_rows"):
+    if backend in ("cpu", "cpu-int", "dequant_rows"):
         import refq.kernels.cpu  # noqa: F401  (registers on import)
     elif backend == "gpu":
         import refq.kernels.gpu  # noqa: F401
@@ -76,6 +80,8 @@ def kernel_for(q, kernel):
     if kernel == "dequant":
         return "dequant"
     _load_backend(kernel)
+    if kernel == "cpu-int" and q.FORMAT not in _REGISTRY[kernel]:
+        kernel = "cpu"                      # formats without an integer variant: exact kernels
     return kernel if q.FORMAT in _REGISTRY[kernel] else "dequant"
 
 
@@ -136,11 +142,13 @@ def matmul(q, x, kernel="cpu"):
         return gpu_matmul(q, x)
     x2, lead = as_input(x, n)
     T = x2.shape[0]
-    if kernel == "cpu":
+    if kernel in ("cpu", "cpu-int"):
         _load_backend("cpu")
         fmt = q.FORMAT
         rows_fn = _REGISTRY["dequant_rows"].get(fmt)
         fn = _REGISTRY["cpu"].get(fmt)
+        if kernel == "cpu-int":
+            fn = _REGISTRY["cpu-int"].get(fmt, fn)
         min_batch = getattr(fn, "blas_min_batch", None)
         min_batch = BLAS_MIN_BATCH if min_batch is None else min(BLAS_MIN_BATCH, min_batch(q))
         if rows_fn is not None and T >= min_batch:
@@ -150,8 +158,8 @@ def matmul(q, x, kernel="cpu"):
             # decoder: dequantize once for this product (not kept) and use BLAS; a
             # LUT kernel re-reads the codes per token and is far slower here
             y = x2 @ np.ascontiguousarray(q.dequantize(), dtype=np.float32).T
-        elif fmt in _REGISTRY["cpu"]:
-            y = _REGISTRY["cpu"][fmt](q, x2)
+        elif fn is not None:
+            y = fn(q, x2)
         else:
             y = dequant_matmul(q, x2)
     else:

@@ -1,38 +1,65 @@
 """CPU kernels (numba): y = x Ŵᵀ straight from the packed tensors.
 
+This file is PERFORMANCE code: it computes exactly what `x @ q.dequantize().T`
+computes, rearranged so that a batch-1 product reads each packed byte once and
+never builds the float weight. To learn what a format MEANS, read its
+dequantize() in refq/formats/ (uniform.py, codebook.py, additive.py,
+row_lut.py, spqr.py, outliers.py): a few lines of numpy each. Come back here to
+see how the same sum is reordered (sums per group, bit planes, lookup tables)
+to run near the memory bandwidth. tests/test_kernels_cpu.py checks every
+kernel against dequantize().
+
 Every kernel is parallel over OUTPUT ROWS (`prange` over rows or blocks of
 rows): each y[t, r] is written by the one thread that owns row r and is
 summed in an order fixed by the code, so 1 and N threads give bit-identical
 results (tests/test_kernels_cpu.py checks it). The official AQLM numba kernel
 parallelises over input groups and races on `out[i] +=`; none of these does.
 
-fastmath: the hot loops use only {"reassoc", "contract"} so that LLVM may
-vectorise the dot products (8 float lanes on AVX2) and fuse multiply-adds.
-The summation order is then fixed by the compiled code, not by the thread
-count: results are deterministic on one machine, and may differ in the last
-bits between CPUs with different vector widths. NaN/Inf semantics are kept.
+fastmath: the hot float loops use only {"reassoc", "contract"} so that LLVM
+may vectorise the dot products (8 float lanes on AVX2, 16 on AVX-512) and
+fuse multiply-adds; without them the loops stay scalar (5-10x slower). The
+summation order is then fixed by the compiled code, not by the thread count:
+results are deterministic on one machine, and may differ in the last bits
+between CPUs with different vector widths. NaN/Inf semantics are kept.
+
+Two kernel variants for the uniform formats (refq.kernels.matmul's `kernel`):
+  "cpu"      exact: float32 activations, within ~1e-6 relative of
+             x @ dequantize().T (the default);
+  "cpu-int"  x rounded per block of <= 128 stored columns to int16 with one
+             scale per block; each block's dot product with the codes is an
+             int32 multiply-add (vpmaddwd / VNNI vpdpwssd), float work once per
+             block and per group. Not exact: uniform_int_cpu states the error
+             bound (activation rounding x weight magnitudes). Its integer sums
+             are exact in any order, so it needs no fastmath at all.
+benchmarks/check_kernels_asm.py checks that both are compiled to vector
+multiply-adds.
 
 Formats and their kernels (x (T, in) float32, T small; y (T, out)):
 
 uniform, uniform_sparse (RTN, GPTQ, QuantEase)
     W_hat[r, c] = s[r, g(c)] (q[r, c] - z[r, g(c)]), so
         y[t, r] = Σ_g s[r, g] (Σ_{c in g} q[r, c] x[t, c]  -  z[r, g] X[t, g])
-    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. Widths 1, 2, 4
-    and 8 with groups starting on a byte ("bytes" kernel): byte i of a row
-    holds the codes of stored columns i*cpb .. i*cpb+cpb-1 (cpb = 8 / bits
-    codes per byte, least significant first), so x is split once per call
-    into cpb planes xp[t, p, i] = x[t, i*cpb + p] and the inner loop is
-        a += float(byte >> (bits*p) & mask) * xp[t, p, i]
-    over the bytes of one group, a loop whose length is a compile-time
-    constant (a closure constant: one kernel per (bits, group bytes)), which
-    LLVM unrolls and vectorises; tokens go four at a time so each byte is
-    decoded once per four dot products. Other
-    widths (3, 5, 6, 7 bits) or groups not on a byte boundary use the
-    bit-extraction kernel (any layout, slower). With act-order `perm`, x is
-    permuted into stored order first (x[:, perm]). Batches from 6 (<= 2 bits)
-    or 12 tokens (refq.kernels.BLAS_MIN_BATCH): dequantize tiles of rows with
-    `uniform_rows` and multiply by BLAS.
-    `uniform_sparse` adds the CSR outliers (below).
+    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. A packed row is
+    read in UNITS, the fewest whole bytes that hold whole codes (unit_geometry:
+    1 byte = 8/4/2/1 codes at 1/2/4/8 bits, 3 bytes = 8 codes at 3 bits, 4 at 6
+    bits, 5 bytes = 8 codes at 5 bits, 7 bytes = 8 at 7 bits): unit u, read as
+    one little-endian integer v, holds the codes of stored columns
+    u*cpu .. u*cpu+cpu-1 (cpu = codes per unit, least significant first). x is
+    split once per call into cpu planes xp[t, p, u] = x[t, u*cpu + p] and the
+    inner loop is
+        a += float(v >> (bits*p) & mask) * xp[t, p, u]
+    over the units of one group, a loop whose length is a compile-time
+    constant (a closure constant: one kernel per (bits, units per group)),
+    which LLVM unrolls and vectorises; tokens go four at a time so each unit is
+    decoded once per four dot products. This needs groups that start on a
+    unit (g a multiple of cpu: any g % 8 == 0 works for every width) or one
+    group per row; other group sizes use the bit-extraction kernel (any
+    layout, ~10-30x slower: it was the only 3-bit path before, 0.09x the
+    fp32 GEMV). With act-order `perm`, x is permuted into stored order first
+    (x[:, perm]). Batches from 6 (<= 2 bits) or 12 tokens
+    (refq.kernels.BLAS_MIN_BATCH): dequantize tiles of rows with
+    `uniform_rows` and multiply by BLAS. `uniform_sparse` adds the CSR
+    outliers (below).
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
@@ -140,124 +167,223 @@ def add_outliers(y, x2, st):
 
 
 # =========================================================================== uniform
-_BYTES_KERNELS = {}      # (bits, h) -> compiled kernel
+_UNIT_KERNELS = {}       # (bits, h) -> compiled kernel
 
 
-def _uniform_bytes(bits, h):
-    """The kernel for widths 1/2/4/8 and groups of h bytes, compiled once per (bits, h).
+def unit_geometry(bits):
+    """(bytes, codes) of the smallest run of whole bytes holding whole codes.
+
+    A packed row is a little-endian bitstream (refq.formats.packing), so every
+    lcm(bits, 8) bits the codes and the bytes line up again: 1 byte holds 8, 4, 2
+    or 1 codes at 1, 2, 4 or 8 bits; 3 bytes hold 8 codes at 3 bits (4 at 6);
+    5 bytes hold 8 codes at 5 bits, 7 bytes 8 codes at 7 bits. Code p of a unit is
+    bits [bits*p, bits*(p+1)) of the unit's bytes read as one little-endian integer.
+    """
+    L = bits * 8 // np.gcd(bits, 8)
+    return L // 8, L // bits
+
+
+INT_BLOCK = 128         # most columns per int16 activation block (int32 cannot overflow)
+
+
+def int_block_units(h, cpu):
+    """Units per activation block of the integer kernel: the largest divisor of the
+    group's h units that spans at most INT_BLOCK columns, so blocks never straddle
+    a weight group and 255 * 32767 * INT_BLOCK < 2^31."""
+    return max(d for d in range(1, h + 1) if h % d == 0 and d * cpu <= INT_BLOCK) \
+        if cpu <= INT_BLOCK else 1
+
+
+def _uniform_units(bits, h):
+    """The kernel for groups of h whole units (see unit_geometry), compiled once per (bits, h).
 
     bits and h are closure constants, so the group loops have compile-time trip
     counts that LLVM unrolls and vectorises (numba.literally arguments stay
     runtime values and ran ~30x slower). Numba cannot cache closures on disk:
-    the first product of a new (bits, group size) compiles for ~2 s.
+    the first product of a new (bits, group size) compiles for a few seconds.
 
-    kernel(qw, s, z, xp, xsum, y): qw (out, nb) uint8; s, z (out, G) f32;
-    xp (T, cpb, nb) f32 planes of x in stored column order (zero past in);
-    xsum (T, G) f32; y (T, out) f32 (written).
+    The per-row work is a plain (serial) function called from the `prange` over
+    blocks of rows: written inline in the parallel loop, the 3-byte word reads of
+    3 bits were not vectorised (46 ms against 3.8 ms for 4096x4096, measured).
+
+    kernel(qw, s, z, xp, xsum, y): qw (out, >= nu*ub) uint8; s, z (out, G) f32;
+    xp (T, cpu, nu) f32 planes of x in stored column order, xp[t, p, u] =
+    x[t, u*cpu + p] (zero past in); xsum (T, G) f32; y (T, out) f32 (written).
     """
     key = (bits, h)
-    if key in _BYTES_KERNELS:
-        return _BYTES_KERNELS[key]
-    cpb = 8 // bits
+    if key in _UNIT_KERNELS:
+        return _UNIT_KERNELS[key]
+    ub, cpu = unit_geometry(bits)
     mask = (1 << bits) - 1
+    WT = np.int32 if ub <= 3 else np.int64          # a unit is <= 24 bits, or 40 / 56
+    hb = int_block_units(h, cpu)                    # units per activation block (cpu-int)
+
+    @njit(inline="always")
+    def word(row, u):
+        """Unit u of a packed row as one little-endian integer (ub bytes)."""
+        i = u * ub
+        v = WT(row[i])
+        for j in range(1, ub):
+            v |= WT(row[i + j]) << WT(8 * j)
+        return v
+
+    @njit(fastmath=_FM)
+    def row_dot1(row, s, z, xp, xsum, t):
+        """y[t, r] for one row: Σ_g s_g (Σ_{c in g} q_c x_c - z_g X_g)."""
+        G = s.shape[0]
+        nu = xp.shape[2]
+        M = WT(mask)
+        tot = np.float32(0.0)
+        for gi in range(G):
+            u0 = gi * h
+            a = np.float32(0.0)
+            if u0 + h <= nu and cpu == 2 and ub == 1:
+                # 4 bits: one plane at a time, each its own vector chain (1.4x, measured)
+                for p in range(cpu):
+                    ap = np.float32(0.0)
+                    for k in range(h):
+                        ap += np.float32((word(row, u0 + k) >> WT(bits * p)) & M) * xp[t, p, u0 + k]
+                    a += ap
+            elif u0 + h <= nu:                  # full group: constant trip count
+                for k in range(h):              # (planes inner: 2x faster at 2 bits)
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        a += np.float32((v >> WT(bits * p)) & M) * xp[t, p, u0 + k]
+            else:                               # the last, shorter group
+                for k in range(nu - u0):
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        a += np.float32((v >> WT(bits * p)) & M) * xp[t, p, u0 + k]
+            tot += s[gi] * (a - z[gi] * xsum[t, gi])
+        return tot
+
+    @njit(fastmath=_FM)
+    def row_dot4(row, s, z, xp, xsum, t):
+        """y[t:t+4, r]: tokens four at a time, each code decoded once for four dot products."""
+        G = s.shape[0]
+        nu = xp.shape[2]
+        M = WT(mask)
+        y0 = np.float32(0.0)
+        y1 = np.float32(0.0)
+        y2 = np.float32(0.0)
+        y3 = np.float32(0.0)
+        for gi in range(G):
+            u0 = gi * h
+            hu = h if u0 + h <= nu else nu - u0
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            if hu == h:                         # full group: constant trip count
+                for k in range(h):
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        c = np.float32((v >> WT(bits * p)) & M)
+                        a0 += c * xp[t, p, u0 + k]
+                        a1 += c * xp[t + 1, p, u0 + k]
+                        a2 += c * xp[t + 2, p, u0 + k]
+                        a3 += c * xp[t + 3, p, u0 + k]
+            else:
+                for k in range(hu):
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        c = np.float32((v >> WT(bits * p)) & M)
+                        a0 += c * xp[t, p, u0 + k]
+                        a1 += c * xp[t + 1, p, u0 + k]
+                        a2 += c * xp[t + 2, p, u0 + k]
+                        a3 += c * xp[t + 3, p, u0 + k]
+            sc, zr = s[gi], z[gi]
+            y0 += sc * (a0 - zr * xsum[t, gi])
+            y1 += sc * (a1 - zr * xsum[t + 1, gi])
+            y2 += sc * (a2 - zr * xsum[t + 2, gi])
+            y3 += sc * (a3 - zr * xsum[t + 3, gi])
+        return y0, y1, y2, y3
 
     @njit(parallel=True, fastmath=_FM)
     def kernel(qw, s, z, xp, xsum, y):
-        out, nb = qw.shape
+        out = qw.shape[0]
         T = xp.shape[0]
-        G = s.shape[1]
-        M = np.int32(mask)
         T4 = T - T % 4
         nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
         for blk in prange(nblk):
             for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
-                row = qw[r]
-                # tokens four at a time: each code decoded once for four dot products
                 for t in range(0, T4, 4):
-                    y0 = np.float32(0.0)
-                    y1 = np.float32(0.0)
-                    y2 = np.float32(0.0)
-                    y3 = np.float32(0.0)
-                    for gi in range(G):
-                        b0 = gi * h
-                        hb = h if b0 + h <= nb else nb - b0
-                        a0 = np.float32(0.0)
-                        a1 = np.float32(0.0)
-                        a2 = np.float32(0.0)
-                        a3 = np.float32(0.0)
-                        if hb == h:                       # full group: constant trip count
-                            for k in range(h):
-                                c = np.int32(row[b0 + k])
-                                for p in range(cpb):
-                                    v = np.float32((c >> np.int32(bits * p)) & M)
-                                    a0 += v * xp[t, p, b0 + k]
-                                    a1 += v * xp[t + 1, p, b0 + k]
-                                    a2 += v * xp[t + 2, p, b0 + k]
-                                    a3 += v * xp[t + 3, p, b0 + k]
-                        else:
-                            for k in range(hb):
-                                c = np.int32(row[b0 + k])
-                                for p in range(cpb):
-                                    v = np.float32((c >> np.int32(bits * p)) & M)
-                                    a0 += v * xp[t, p, b0 + k]
-                                    a1 += v * xp[t + 1, p, b0 + k]
-                                    a2 += v * xp[t + 2, p, b0 + k]
-                                    a3 += v * xp[t + 3, p, b0 + k]
-                        sc, zr = s[r, gi], z[r, gi]
-                        y0 += sc * (a0 - zr * xsum[t, gi])
-                        y1 += sc * (a1 - zr * xsum[t + 1, gi])
-                        y2 += sc * (a2 - zr * xsum[t + 2, gi])
-                        y3 += sc * (a3 - zr * xsum[t + 3, gi])
-                    y[t, r] = y0
-                    y[t + 1, r] = y1
-                    y[t + 2, r] = y2
-                    y[t + 3, r] = y3
-                # the remaining tokens one at a time
-                for t in range(T4, T):
-                    tot = np.float32(0.0)
-                    for gi in range(G):
-                        b0 = gi * h
-                        a = np.float32(0.0)
-                        if b0 + h <= nb and cpb == 2:     # 4 bits: one plane at a time, each
-                            for p in range(cpb):          # its own vector chain (1.4x, measured)
-                                ap = np.float32(0.0)
-                                for k in range(h):
-                                    ap += np.float32((np.int32(row[b0 + k]) >> np.int32(bits * p)) & M) \
-                                        * xp[t, p, b0 + k]
-                                a += ap
-                        elif b0 + h <= nb:                # full group: constant trip count
-                            for k in range(h):            # (planes inner: 2x faster at 2 bits)
-                                c = np.int32(row[b0 + k])
-                                for p in range(cpb):
-                                    a += np.float32((c >> np.int32(bits * p)) & M) * xp[t, p, b0 + k]
-                        else:                             # the last, shorter group
-                            for k in range(nb - b0):
-                                c = np.int32(row[b0 + k])
-                                for p in range(cpb):
-                                    a += np.float32((c >> np.int32(bits * p)) & M) * xp[t, p, b0 + k]
-                        tot += s[r, gi] * (a - z[r, gi] * xsum[t, gi])
-                    y[t, r] = tot
+                    y[t, r], y[t + 1, r], y[t + 2, r], y[t + 3, r] = row_dot4(qw[r], s[r], z[r], xp, xsum, t)
+                for t in range(T4, T):              # the remaining tokens one at a time
+                    y[t, r] = row_dot1(qw[r], s[r], z[r], xp, xsum, t)
 
     @njit(parallel=True)
     def rows(qw, s, z, r0, r1, W):
-        """W (r1-r0, nb*cpb) = W_hat[r0:r1] in STORED column order (padding columns too)."""
-        nb = qw.shape[1]
+        """W (r1-r0, nu*cpu) = W_hat[r0:r1] in STORED column order (padding columns too)."""
         G = s.shape[1]
-        M = np.int32(mask)
+        nu = W.shape[1] // cpu
+        M = WT(mask)
         for i in prange(r1 - r0):
             r = r0 + i
             row = qw[r]
             for gi in range(G):
-                b0 = gi * h
-                hb = h if b0 + h <= nb else nb - b0
+                u0 = gi * h
                 sc, zr = s[r, gi], z[r, gi]
+                for k in range(min(h, nu - u0)):
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        W[i, (u0 + k) * cpu + p] = sc * (np.float32((v >> WT(bits * p)) & M) - zr)
+
+    nbg = h // hb                                   # activation blocks per weight group
+
+    @njit
+    def row_int(row, s, z, xq, sx, xtsum, t):
+        """y[t, r] with int16 activations (the "cpu-int" variant, see uniform_int_cpu):
+        per activation block b (hb units, never across a group) an exact int32 dot
+        product Σ q_c xq_c, scaled once by the block's sx; at the end of each group
+        y += s_g (Σ_b sx_b (Σ q xq) - z_g X̃_g).
+
+        Every integer result is cast back to int32 (numba widens int arithmetic to
+        int64, which LLVM then does not vectorise as well): |Σ q xq| <= 128 * 255 *
+        32767 < 2^31, so nothing overflows. One flat loop over blocks: a loop over
+        groups with the blocks nested inside ran 10-15x slower (not vectorised).
+        """
+        nu = xq.shape[2]
+        nblk = sx.shape[1]
+        M = WT(mask)
+        tot = np.float32(0.0)
+        acc = np.float32(0.0)
+        for b in range(nblk):
+            b0 = b * hb
+            a = np.int32(0)
+            if b0 + hb <= nu:                    # full block: constant trip count
                 for k in range(hb):
-                    c = np.int32(row[b0 + k])
-                    for p in range(cpb):
-                        W[i, (b0 + k) * cpb + p] = sc * (np.float32((c >> np.int32(bits * p)) & M) - zr)
+                    v = word(row, b0 + k)
+                    for p in range(cpu):
+                        a = np.int32(a + np.int32((v >> WT(bits * p)) & M) * np.int32(xq[t, p, b0 + k]))
+            else:                                # the row's last, shorter block
+                for k in range(nu - b0):
+                    v = word(row, b0 + k)
+                    for p in range(cpu):
+                        a = np.int32(a + np.int32((v >> WT(bits * p)) & M) * np.int32(xq[t, p, b0 + k]))
+            acc += sx[t, b] * np.float32(a)
+            if (b + 1) % nbg == 0 or b == nblk - 1:  # end of a group
+                gi = b // nbg
+                tot += s[gi] * (acc - z[gi] * xtsum[t, gi])
+                acc = np.float32(0.0)
+        return tot
+
+    @njit(parallel=True)
+    def kernel_int(qw, s, z, xq, sx, xtsum, y):
+        """xq (T, cpu, nu) int16 planes; sx (T, nblocks) f32; xtsum (T, G) f32; y written."""
+        out = qw.shape[0]
+        T = xq.shape[0]
+        nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
+        for blk in prange(nblk):
+            for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
+                for t in range(T):
+                    y[t, r] = row_int(qw[r], s[r], z[r], xq, sx, xtsum, t)
 
     kernel.rows = rows
-    _BYTES_KERNELS[key] = kernel
+    kernel.int16 = kernel_int
+    kernel.block_units = hb
+    kernel.row_functions = {"float": row_dot1, "float x4": row_dot4, "int16": row_int}  # asm checks
+    _UNIT_KERNELS[key] = kernel
     return kernel
 
 
@@ -318,16 +444,25 @@ def _uniform_rows(qw, s, z, perm, r0, r1, bits, g, W):
 
 
 def _uniform_like(q, qw, s, z, perm, bits, g, csr):
+    """Kernel state. mode "units" (groups start on a unit boundary, or one group per
+    row): qw padded with zero bytes to whole units when the row ends inside one (a
+    copy, only for shapes where in * bits is not a multiple of 8 * unit bytes);
+    otherwise mode "bits", the bit-extraction kernel."""
     out, n = q.shape
-    cpb = 8 // bits if 8 % bits == 0 else 0
-    mode = "bytes" if cpb and g % cpb == 0 else "bits"
+    ub, cpu = unit_geometry(bits)
+    G = s.shape[1]
+    nu = -(-n // cpu)                                   # units per row
+    mode = "units" if g % cpu == 0 or G == 1 else "bits"
+    qw = np.ascontiguousarray(qw)
+    if mode == "units" and qw.shape[1] < nu * ub:
+        qw = np.concatenate([qw, np.zeros((out, nu * ub - qw.shape[1]), np.uint8)], axis=1)
     return {
-        "qw": np.ascontiguousarray(qw),
+        "qw": qw,
         "s": np.ascontiguousarray(s, dtype=np.float32),                 # (out, G)
         "z": np.ascontiguousarray(z, dtype=np.float32),                 # (out, G)
         "perm": None if perm is None else np.asarray(perm).astype(np.int64),
-        "g": g, "bits": bits, "cpb": cpb, "mode": mode,
-        "h": g // cpb if mode == "bytes" else 0,
+        "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
+        "h": (g // cpu if G > 1 else nu) if mode == "units" else 0,     # units per group
         "csr": csr_state(csr),
     }
 
@@ -370,12 +505,12 @@ def uniform_cpu(q, x2):
     G = st["s"].shape[1]
     xsum = _group_sums(xs, st["g"], G)
     y = np.empty((T, out), np.float32)
-    if st["mode"] == "bytes":
-        cpb, nb = st["cpb"], st["qw"].shape[1]
-        if nb * cpb != n:
-            xs = np.concatenate([xs, np.zeros((T, nb * cpb - n), np.float32)], axis=1)
-        xp = np.ascontiguousarray(xs.reshape(T, nb, cpb).transpose(0, 2, 1))   # (T, cpb, nb)
-        _run(_uniform_bytes(st["bits"], st["h"]), T * out * n, st["qw"], st["s"], st["z"], xp, xsum, y)
+    if st["mode"] == "units":
+        cpu, nu = st["cpu"], st["nu"]
+        if nu * cpu != n:
+            xs = np.concatenate([xs, np.zeros((T, nu * cpu - n), np.float32)], axis=1)
+        xp = np.ascontiguousarray(xs.reshape(T, nu, cpu).transpose(0, 2, 1))   # (T, cpu, nu)
+        _run(_uniform_units(st["bits"], st["h"]), T * out * n, st["qw"], st["s"], st["z"], xp, xsum, y)
     else:
         _run(_uniform_bits, T * out * n, st["qw"], st["s"], st["z"], xs, xsum, y, st["bits"], st["g"])
     return add_outliers(y, x2, st["csr"])
@@ -384,16 +519,81 @@ def uniform_cpu(q, x2):
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
 
 
+def int16_activations(xs, cpu, nu, hb, g, G):
+    """Quantize x per activation block to int16 with one float scale per block.
+
+    xs (T, n) f32 in stored column order -> xq (T, cpu, nu) int16 planes (as xp),
+    sx (T, nblocks) f32, xtsum (T, G) f32. Block b spans the hb*cpu stored columns
+    from b*hb*cpu (zero past n):
+        sx_b = max_{c in b} |x_c| / 32767,  xq_c = round(x_c / sx_b) in [-32767, 32767],
+    and x̃_c = sx_b xq_c is the activation the integer kernel multiplies by; xtsum
+    holds X̃_g = Σ_{c in g} x̃_c so that the zero point sees the same x̃ as the codes.
+    |x_c - x̃_c| <= sx_b / 2 (plus float32 rounding of the scale).
+    """
+    T, n = xs.shape
+    A = hb * cpu
+    nblk = -(-nu // hb)
+    xb = np.zeros((T, nblk * A), np.float32)
+    xb[:, :n] = xs
+    xb = xb.reshape(T, nblk, A)                                     # (T, nblocks, A)
+    sx = (np.abs(xb).max(axis=2) / np.float32(32767)).astype(np.float32)
+    safe = np.where(sx > 0, sx, np.float32(1))
+    xq = np.clip(np.rint(xb / safe[:, :, None]), -32767, 32767).astype(np.int16)
+    xt = (xq.astype(np.float64) * sx[:, :, None]).reshape(T, nblk * A)[:, :n]   # x̃ (T, n)
+    pad = G * g - n
+    if pad > 0:
+        xt = np.concatenate([xt, np.zeros((T, pad))], axis=1)
+    xtsum = xt[:, :G * g].reshape(T, G, g).sum(axis=2).astype(np.float32)
+    xq = np.ascontiguousarray(xq.reshape(T, nblk * A)[:, :nu * cpu].reshape(T, nu, cpu).transpose(0, 2, 1))
+    return xq, sx, xtsum
+
+
+@register("cpu-int", "uniform", "uniform_sparse", "spqr")
+def uniform_int_cpu(q, x2):
+    """The integer-activation variant of uniform_cpu (kernel "cpu-int").
+
+    x is quantized per block of <= INT_BLOCK stored columns (never across a weight
+    group) to int16 with one scale per block (int16_activations); each block's dot
+    product with the codes is exact in int32, float work happens once per block and
+    once per group. The result is the exact product with x̃ instead of x:
+        y_int[t, r] = Σ_c W_hat[r, c] x̃[t, c]      (up to float32 rounding), so
+        |y_int[t, r] - (x Ŵᵀ)[t, r]| <= ½ Σ_c |W_hat[r, c]| sx_{b(c)}
+                                         + (B + G + 4) u Σ_c s_{g(c)} (q_c + |z_g|) |x̃_c|
+    with B activation blocks per row, G groups and u = 2^-24 (the first term is the
+    activation rounding, |x - x̃| <= sx/2; the second the float32 sums over blocks
+    and groups, and the int32 -> float32 conversions). Outliers in x widen their own
+    block's sx only. Non-finite x, and layouts without units ("bits" mode), go to
+    the exact kernel.
+    """
+    st = _uniform_state(q)
+    if st["mode"] != "units":
+        return uniform_cpu(q, x2)
+    out, n = q.shape
+    T = x2.shape[0]
+    xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
+    if not np.isfinite(xs).all():
+        return uniform_cpu(q, x2)
+    kern = _uniform_units(st["bits"], st["h"])
+    G = st["s"].shape[1]
+    xq, sx, xtsum = int16_activations(xs, st["cpu"], st["nu"], kern.block_units, st["g"], G)
+    y = np.empty((T, out), np.float32)
+    _run(kern.int16, T * out * n, st["qw"], st["s"], st["z"], xq, sx, xtsum, y)
+    return add_outliers(y, x2, st["csr"])
+
+
+uniform_int_cpu.blas_min_batch = uniform_cpu.blas_min_batch
+
+
 @register("dequant_rows", "uniform", "uniform_sparse", "spqr")
 def uniform_rows(q, r0, r1):
     st = _uniform_state(q)
     W = np.empty((r1 - r0, q.shape[1]), np.float32)
-    if st["mode"] == "bytes":
-        n, nb, cpb = q.shape[1], st["qw"].shape[1], st["cpb"]
-        Ws = np.empty((r1 - r0, nb * cpb), np.float32)         # stored order (+ padding)
-        _uniform_bytes(st["bits"], st["h"]).rows(st["qw"], st["s"], st["z"], r0, r1, Ws)
+    if st["mode"] == "units":
+        n, nu, cpu = q.shape[1], st["nu"], st["cpu"]
+        Ws = np.empty((r1 - r0, nu * cpu), np.float32)         # stored order (+ padding)
+        _uniform_units(st["bits"], st["h"]).rows(st["qw"], st["s"], st["z"], r0, r1, Ws)
         if st["perm"] is None:
-            W = Ws[:, :n] if nb * cpb == n else np.ascontiguousarray(Ws[:, :n])
+            W = Ws[:, :n] if nu * cpu == n else np.ascontiguousarray(Ws[:, :n])
         else:
             W[:, st["perm"]] = Ws[:, :n]
     else:
