@@ -575,10 +575,58 @@ class AqlmBeamPass(Kind):
                     err=lg - lr)
 
 
+
+class SpqrGroup(Kind):
+    name = "spqr_group"
+    doc = ("SpQR: the statistics of one group.  X (out, g): the group's columns as the sweep "
+           "holds them when the group starts (processing order), d (g,): their U_jj; bits, sym, "
+           "qq_bits, qq_group, thr (the absolute outlier threshold tau * mean_j var_r(W_j) / "
+           "U_jj^2, ddof 1, on the permuted W) -> likely (out, g) bool: the leave-one-out "
+           "outliers (removing the weight lowers the row's sum ((x - q(x)) / d)^2, grid refit "
+           "without it, by more than thr); scale, zero (out,): the group's grid fit without "
+           "them (bilevel: the weights left out replaced by the mean of the row's others; scale "
+           "and zero each quantized to qq_bits over blocks of qq_group rows, min-max with float16 "
+           "lo and step, values float32(lo + step * code)).")
+
+    def reference(self, inputs, params):
+        from refq.methods.spqr import fit_group, likely_outliers
+        X, d = inputs["X"], inputs["d"]
+        bits, sym, qq = params["bits"], params["sym"], params["qq_bits"]
+        likely = likely_outliers(X, d, bits, sym, params["thr"], qq is not None)
+        if qq is None:
+            Xf = np.where(likely, 0.0, X)
+        else:
+            cnt = np.maximum((~likely).sum(axis=1, keepdims=True), 1)
+            mean = np.where(likely, 0.0, X).sum(axis=1, keepdims=True) / cnt
+            Xf = np.where(likely, mean, X)
+        scale, zero, _ = fit_group(Xf, bits, sym, qq, params["qq_group"])
+        return {"likely": likely, "scale": scale, "zero": zero}
+
+    def judge(self, inputs, params, ref, got):
+        out, g = inputs["X"].shape
+        L = _arr(got, "likely", (out, g)).astype(bool)
+        sc = _arr(got, "scale", (out,), "float").astype(np.float64)
+        ze = _arr(got, "zero", (out,), "float").astype(np.float64)
+        parts = []
+        nl = int(np.count_nonzero(L != ref["likely"]))
+        if nl:
+            parts.append(f"likely outliers differ in {nl} of {L.size} weights")
+        # the statistics are float16 / float32 values: one float16 ulp of tolerance
+        for nm, a, r in (("scale", sc, ref["scale"]), ("zero", ze, ref["zero"])):
+            bad = np.abs(a - r) > 2.0 ** -10 * np.abs(r) + 2.0 ** -24
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                parts.append(f"{nm} differs in {int(bad.sum())} of {out} rows (row {i}: "
+                             f"{a[i]:.8g}, expected {r[i]:.8g})")
+        return _msg(not parts, "; ".join(parts) or
+                    f"likely outliers ({int(ref['likely'].sum())}), scale and zero equal")
+
+
 KINDS = {k.name: k for k in (DampedInverseCholesky(), UniformGrid(), UniformCodes(),
                              GptqBlockUpdate(), Kmeans1d(), ClaqAllocateBits(), ClaqOutliers(),
                              AqlmCodebooks(), WandaMask2of4(), SparsegptMask2of4(),
-                             WeightedKmeans1d(), QuanteaseSweep(), AqlmBeamPass())}
+                             WeightedKmeans1d(), QuanteaseSweep(), AqlmBeamPass(),
+                             SpqrGroup())}
 
 
 # ============================================================================ traces
@@ -815,6 +863,26 @@ def trace_aqlm(W, H, opts, q):
                   shared={"W": "W", "H": "H"})]
 
 
+def trace_spqr(W, H, opts):
+    """SpQR: the first group (no earlier column has updated it yet, so its state is the
+    dead-fixed, act-order-permuted W), as refq.methods.spqr.quantize_spqr fits it."""
+    import math
+    W, Hp, perm = _gptq_prepare(W, H, opts)
+    out, n = W.shape
+    g = opts["group_size"]
+    U, _, _ = inverse_cholesky(Hp, opts["percdamp"])
+    Ud = np.diag(U).copy()
+    Wt = np.ascontiguousarray(W[:, perm].T)
+    scale = float(np.mean(np.var(Wt, axis=1, ddof=1) / Ud ** 2)) if out > 1 else 0.0
+    tau = opts["outlier_threshold"]
+    thr = tau * scale if math.isfinite(tau) else math.inf
+    if not (math.isfinite(thr) and opts["leave_one_out"]):
+        return []
+    return [_step("group-0", "spqr_group", {"X": Wt[:g].T.copy(), "d": Ud[:g].copy()},
+                  {"bits": opts["bits"], "sym": opts["sym"], "qq_bits": opts["qq_bits"],
+                   "qq_group": opts["qq_group_size"], "thr": thr})]
+
+
 def trace_wanda(W, H, opts):
     """Wanda's 2:4 mask of the whole layer (2:4 cases only)."""
     if opts.get("sparsity") not in ("2:4", None):
@@ -926,11 +994,13 @@ def case_steps(method, W, H, opts, q, real=False):
         return trace_sparsegpt(W, H, opts)[0]
     if method == "squeezellm":
         return trace_squeezellm(W, H, opts)
+    if method == "spqr":
+        return trace_spqr(W, H, opts)
     if method == "quantease" and not real:
         return trace_quantease(W, H, opts)
     return []
 
 
 # Sub-steps the issue lists that are not in the steps tier yet (GOLDEN.md says so):
-NOT_YET = [           "SpQR: a group's outliers and bilevel statistics",
+NOT_YET = ["SpQR: the groups after the first (they need a replay of SpQR's loop)",
            "SLiM: the alpha search and the adapter SVD"]
