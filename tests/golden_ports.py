@@ -221,3 +221,38 @@ class AqlmBeamPort:
                         r[sl] -= s[i] * D[c]
                         codes[i, k, m] = c
         return {"codes": codes}
+
+
+class SlimPort:
+    """SLiM (Mozaffari et al. 2025).  SLiM-Quant: the clip alpha minimizing the histogram
+    estimate of the quantization + clipping error of |W| (the official bin count, 11 coarse
+    centres then the fine scan between the best one's neighbours).  Adapters: the best rank-r
+    approximation of the compression error in the activation-weighted norm, by an SVD of
+    E diag(xbar)."""
+
+    def __init__(self, dtype=np.float32):
+        self.f = np.dtype(dtype)
+
+    def step_slim_alpha(self, values, bits, weights=None):
+        a = np.abs(np.asarray(values, np.float64)).reshape(-1)
+        nb = max(512, min(a.size // 1000, 20000))
+        top = a.max() or 1.0
+        w = None if weights is None else np.asarray(weights, np.float64).reshape(-1)
+        counts, edges = np.histogram(a, bins=nb, range=(0.0, top), weights=w)
+        v = ((edges[:-1] + edges[1:]) / 2).astype(self.f)
+        counts = counts.astype(self.f)
+        m = 2 ** (bits - 1) - 1
+
+        def J(alpha):
+            step = alpha / m
+            e = np.where(v < alpha, v - step * np.rint(v / step), v - alpha)
+            return np.sum(counts * e * e) / np.sum(counts)
+        coarse = [round(k * (nb - 1) / 10) for k in range(11)]
+        t = int(np.argmin([J(v[i]) for i in coarse]))
+        cand = range(coarse[max(t - 1, 0)], coarse[min(t + 1, 10)] + 1)
+        return {"alpha": np.array(v[min(cand, key=lambda i: J(v[i]))])}
+
+    def step_slim_adapter_svd(self, E, xbar, rank):
+        E, xb = E.astype(self.f), xbar.astype(self.f)
+        U, S, Vt = np.linalg.svd(E * xb[None, :], full_matrices=False)
+        return {"L": U[:, :rank], "R": (S[:rank, None] * Vt[:rank]) / xb[None, :]}

@@ -189,6 +189,47 @@ def test_quantease_sweep_step_is_refq_first_sweep():
         assert np.array_equal(Wh[:, order], ref.astype(np.float32)), label
 
 
+def test_spqr_group_step_is_refq_first_group():
+    """spqr_group's reference on trace_spqr's state = the grid refq stored for group 0."""
+    from refq.api import quantize_weight, validate_options
+    for label, inp, given in golden.CASES["spqr"]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options("spqr", dict(given))
+        q = quantize_weight(d["W"], d["H"], "spqr", **opts)
+        (s,) = steps.trace_spqr(d["W"], d["H"], opts)
+        ref = steps.KINDS["spqr_group"].reference(s["inputs"], s["params"])
+        assert np.array_equal(ref["scale"].astype(np.float32), q.scales()[:, 0]), label
+        assert np.array_equal(ref["zero"].astype(np.float32), q.zeros()[:, 0]), label
+        assert ref["likely"].any(), label
+
+
+def test_slim_steps_are_refq_state():
+    """slim_alpha's reference = the alpha refq used (slim-quant; slim without a refit);
+    slim_adapter_svd's reference, rounded to float16, = the adapters refq stored."""
+    from refq.api import quantize_weight, validate_options
+    n_alpha = n_svd = 0
+    for method in ("slim-quant", "slim"):
+        for label, inp, given in golden.CASES[method]:
+            if inp == spec.R:
+                continue
+            d, _ = golden.make_synthetic(inp)
+            opts = validate_options(method, dict(given))
+            q = quantize_weight(d["W"], d["H"], method, **opts)
+            t = q.tensors()
+            for s in steps.trace_slim(np.asarray(d["W"], np.float64), d["H"], opts, method):
+                ref = steps.KINDS[s["kind"]].reference(s["inputs"], s["params"])
+                if s["kind"] == "slim_alpha" and not q.info.get("refit"):
+                    assert float(ref["alpha"]) == q.info["alpha"], (method, label)
+                    n_alpha += 1
+                if s["kind"] == "slim_adapter_svd":
+                    assert np.array_equal(ref["L"].astype(np.float16), t["lora_L"]), label
+                    assert np.array_equal(ref["R"].astype(np.float16), t["lora_R"]), label
+                    n_svd += 1
+    assert n_alpha >= 3 and n_svd == 2
+
+
 def test_aqlm_beam_step_starts_from_refq_initial_state():
     """trace_aqlm's initial codes/codebooks/scales have exactly the loss refq recorded for its
     start (info["loss_history"][0])."""

@@ -83,7 +83,8 @@ def test_kmeans_aqlm_and_mask_ports_pass(dtype):
         res[name]["tiers"]["steps"]["checks"].update(r["tiers"]["steps"]["checks"])
     res.update(run(gp.MaskPort(dtype), methods=["wanda", "sparsegpt"]))
     res.update(run(gp.QuanteasePort(dtype), cases=["quantease-w4", "quantease-w3g32-outliers"]))
-    assert len(res) == 17
+    res.update(run(gp.SlimPort(dtype), methods=["slim", "slim-quant"]))
+    assert len(res) == 23
     kinds = set()
     for name, r in res.items():
         assert r["ok"], (name, r["error"])
@@ -92,7 +93,7 @@ def test_kmeans_aqlm_and_mask_ports_pass(dtype):
         kinds |= {k.split("(")[1][:-1] for k in r["tiers"]["steps"]["checks"]}
     assert kinds == {"kmeans1d", "claq_allocate_bits", "claq_outliers", "weighted_kmeans1d",
                      "aqlm_codebooks", "wanda_mask_2of4", "sparsegpt_mask_2of4",
-                     "quantease_sweep", "aqlm_beam_pass"}
+                     "quantease_sweep", "aqlm_beam_pass", "slim_alpha", "slim_adapter_svd"}
 
 
 # --------------------------------------------------------------------------- injected bugs
