@@ -23,15 +23,32 @@ import numpy as np
 from refq.errors import RefqError
 
 FORMAT_VERSION = 1
-QUANT_METHOD = "refq"
+QUANT_METHOD = "refq"          # quantization_config.quant_method of a refq checkpoint
+FOREIGN_METHODS = ("gptq", "aqlm")   # read by refq.interop.foreign
+
+
+def quant_method(path):
+    """quantization_config.quant_method of the folder's config.json, or None."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    q = d.get("quantization_config") if isinstance(d, dict) else None
+    return q.get("quant_method") if isinstance(q, dict) else None
+
+
 _COPY = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def is_refq_checkpoint(folder):
     """The marker of a folder refq wrote: config.json whose quantization_config has
-    quant_method "refq" (only such a folder may be replaced by --force)."""
-    from refq.loading import is_packed
-    return is_packed(folder)
+    quant_method "refq" (only such a folder may be replaced by --force; a GPTQ or
+    AQLM checkpoint made by another tool is the user's, never replaced)."""
+    return quant_method(folder) == QUANT_METHOD
 
 
 def check_out_dir(out, force, inputs=(), log=None):

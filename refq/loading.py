@@ -1,26 +1,14 @@
 """Load a model for inference: a Hugging Face folder or a refq packed checkpoint."""
-import json
-import os
-
 import numpy as np
 
+from refq.checkpoint import FOREIGN_METHODS, QUANT_METHOD, load_packed_model, quant_method
 from refq.errors import RefqError
 
 
 def is_packed(path):
-    """True if path is a refq packed checkpoint (config.json has quantization_config)."""
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-        return False
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return False
-    from refq.checkpoint import QUANT_METHOD
-    q = d.get("quantization_config") if isinstance(d, dict) else None
-    # refq's own, or a GPTQ / AQLM checkpoint read by refq.interop.foreign
-    return isinstance(q, dict) and q.get("quant_method") in (QUANT_METHOD, "gptq", "aqlm")
+    """True if path is a quantized checkpoint refq reads: its own packed format, or a
+    GPTQ / AQLM checkpoint made by another tool (refq.interop.foreign)."""
+    return quant_method(path) in (QUANT_METHOD,) + FOREIGN_METHODS
 
 
 def model_tensors(model):
@@ -76,7 +64,6 @@ def load_for_inference(path=None, kernel="cpu", verify=True):
     check_kernel(kernel)
     folder = resolve_model(path)
     if is_packed(folder):
-        from refq.checkpoint import load_packed_model
         model = load_packed_model(folder, kernel=kernel, verify=verify)
     else:
         model = load_model(folder)

@@ -181,6 +181,21 @@ def test_force_only_replaces_a_folder_refq_wrote(tiny, tmp_path, capsys, no_cali
     assert_clean_error(rc, o, err, [f"--out {hf}", "not a folder refq wrote"],
                        case="--force on an HF model folder")
     assert tree_hash(hf) == before
+    # nor a GPTQ / AQLM checkpoint made by another tool (refq reads those, it did not write them)
+    for method in ("gptq", "aqlm"):
+        foreign = str(tmp_path / f"{method}-ckpt")
+        shutil.copytree(tiny["folder"], foreign)
+        cfg_path = os.path.join(foreign, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        before = tree_hash(foreign)
+        rc, o, err = cli(capsys, *quantize_args(tiny, foreign, "--force"))
+        assert_clean_error(rc, o, err, [f"--out {foreign}", "not a folder refq wrote"],
+                           case=f"--force on a {method} checkpoint")
+        assert tree_hash(foreign) == before
 
 
 def test_force_replaces_a_refq_checkpoint_and_leftovers_are_removed(tiny, tmp_path, capsys):
