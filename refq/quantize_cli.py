@@ -17,7 +17,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 
 from refq.errors import RefqError
 from refq.options import SEED, Invalid
@@ -296,40 +295,50 @@ def cmd_quantize(args):
                unit="tok", unit_scale=True, file=sys.stderr)
     from refq.fisher import fisher_context        # squeezellm --sensitivity fisher: F first
     say = lambda m: tqdm.write(m, file=sys.stderr)  # noqa: E731
-    with fisher_context(model, windows, full_opts, log=say) as f_info:
-        done = quantize_layers(
-            model, windows, quantize, args.true_sequential,
-            log=lambda i, s: bar.set_description(
-                f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
-            calib_batch=args.calib_batch, progress=bar.update,
-            resume=None if ft_opts else state,   # fine-tuned norms are not in the state
-            layer_hook=ft_opts and make_layer_hook(ft_opts, ft_record, say))
-    result.update(f_info)
-    bar.close()
-    quantized = dict(done)                           # with the layers of a resumed run
-    rows = [state.notes[name] for name, _ in done]
-    q_secs = time.perf_counter() - t_q
+    try:
+        with fisher_context(model, windows, full_opts, log=say) as f_info:
+            done = quantize_layers(
+                model, windows, quantize, args.true_sequential,
+                log=lambda i, s: bar.set_description(
+                    f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
+                calib_batch=args.calib_batch, progress=bar.update,
+                resume=None if ft_opts else state,   # fine-tuned norms are not in the state
+                layer_hook=ft_opts and make_layer_hook(ft_opts, ft_record, say))
+        result.update(f_info)
+        bar.close()
+        quantized = dict(done)                           # with the layers of a resumed run
+        rows = [state.notes[name] for name, _ in done]
+        q_secs = time.perf_counter() - t_q
 
-    n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())
-    bpw = sum(q.bits_per_weight * q.shape[0] * q.shape[1] for q in quantized.values()) / n_w
-    if args.eval:
-        result["ppl_after"] = _eval(model, eval_ids, "after")
+        n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())
+        bpw = sum(q.bits_per_weight * q.shape[0] * q.shape[1] for q in quantized.values()) / n_w
+        if args.eval:
+            result["ppl_after"] = _eval(model, eval_ids, "after")
 
-    shown_opts = next(iter(quantized.values())).options if quantized else opts
-    qc = {"method": args.method, "options": shown_opts, "refq_version": __version__,
-          "bits_per_weight": bpw,
-          "calibration": {"text": os.path.basename(args.calib),
-                          "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
-                          "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                          "true_sequential": args.true_sequential}}
-    if args.calib_batch is not None:
-        qc["calibration"]["calib_batch"] = args.calib_batch
-    if ft_opts:                                    # block fine-tuning: settings, history, time
-        result["finetune"] = qc["finetune"] = {
-            "options": ft_opts, "seconds": round(sum(r["seconds"] for r in ft_record), 3),
-            "layers": ft_record}
-    save_packed(args.out, folder, model, quantized, qc, force=args.force)
-    state.remove()
+        shown_opts = next(iter(quantized.values())).options if quantized else opts
+        qc = {"method": args.method, "options": shown_opts, "refq_version": __version__,
+              "bits_per_weight": bpw,
+              "calibration": {"text": os.path.basename(args.calib),
+                              "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+                              "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                              "true_sequential": args.true_sequential}}
+        if args.calib_batch is not None:
+            qc["calibration"]["calib_batch"] = args.calib_batch
+        if ft_opts:                                    # block fine-tuning: settings, history, time
+            result["finetune"] = qc["finetune"] = {
+                "options": ft_opts, "seconds": round(sum(r["seconds"] for r in ft_record), 3),
+                "layers": ft_record}
+        save_packed(args.out, folder, model, quantized, qc, force=args.force)
+        state.remove()
+    except KeyboardInterrupt:          # Ctrl-C, or SIGTERM (refq.errors.Terminated)
+        bar.close()                    # (closing twice is harmless)
+        k = state.layers_done()
+        if k:
+            _log(f"refq quantize: {k} finished decoder layer(s) kept in {state.folder}; "
+                 "the same command continues from there (delete it to start afresh)")
+        raise
+    finally:
+        bar.close()                    # an error message then starts on its own line
 
     _log(f"{'layer':<42} {'loss':>12} {'bits':>7}")
     for r in rows:

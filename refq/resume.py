@@ -84,7 +84,7 @@ class ResumeState:
     def _path(self, name):
         return os.path.join(self.folder, name)
 
-    def _layers_done(self):
+    def layers_done(self):
         """K if the folder holds a finished state of this very run, else 0."""
         try:
             with open(self._path("fingerprint.json")) as f:
@@ -99,7 +99,7 @@ class ResumeState:
         """-> (K, inputs of layer K (n, T, d) or None, [(full name, QuantizedWeight)] of
         layers 0..K-1).  Starts a fresh state (K = 0) if there is none for this run."""
         from refq.formats.base import load_quantized
-        k = self._layers_done()
+        k = self.layers_done()
         if k == 0:                  # none, or another run's: made afresh by the first save()
             shutil.rmtree(self.folder, ignore_errors=True)
             return 0, None, []

@@ -294,8 +294,10 @@ def _signal_run(sig, args, home):
 
 
 def test_signals_during_save(tiny, tmp_path, capsys):
-    """SIGTERM and SIGINT clean up on the way out (and say so); SIGKILL leaves
-    `.NAME.tmp-PID`, which the next run on the same output removes."""
+    """SIGTERM and SIGINT clean up the half-written checkpoint on the way out (and say
+    so), keeping only the resume state of the finished layers (refq/resume.py), which they
+    name; SIGKILL leaves `.NAME.tmp-PID` too, which the next run on the same output
+    removes. The next run resumes, and leaves nothing beside --out."""
     from concurrent.futures import ThreadPoolExecutor
     outs = {s: str(tmp_path / f"q-{s}") for s in ("SIGTERM", "SIGINT", "SIGKILL")}
     with ThreadPoolExecutor(3) as ex:
@@ -306,12 +308,18 @@ def test_signals_during_save(tiny, tmp_path, capsys):
         r = res[s]
         assert r.returncode == code, (s, r.returncode, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].endswith(word)
-        assert not os.path.exists(outs[s]) and not leftovers(outs[s]), (s, leftovers(outs[s]))
+        state = f".q-{s}.refq-resume"
+        assert not os.path.exists(outs[s]) and leftovers(outs[s]) == [state], \
+            (s, leftovers(outs[s]))
+        assert state in r.stderr and "continues" in r.stderr
+        rc, o, err = cli(capsys, *quantize_args(tiny, outs[s]))      # resumes, then cleans up
+        assert rc == 0, err
+        assert os.path.isdir(outs[s]) and not leftovers(outs[s]), (s, leftovers(outs[s]))
         RESULTS.append((f"{s} during save", "clean"))
     r = res["SIGKILL"]
     assert r.returncode == -signal.SIGKILL
-    left = leftovers(outs["SIGKILL"])
-    assert len(left) == 1 and ".tmp-" in left[0]          # the scenario happened
+    left = sorted(leftovers(outs["SIGKILL"]), key=lambda f: ".tmp-" not in f)   # tmp first
+    assert len(left) == 2 and ".tmp-" in left[0] and left[1].endswith(".refq-resume"), left
     rc, o, err = cli(capsys, *quantize_args(tiny, outs["SIGKILL"]))
     assert rc == 0, err
     assert left[0] in err and not leftovers(outs["SIGKILL"])

@@ -21,6 +21,7 @@ from refq.golden.spec import U32
 # refq internals the steps call (their current public names; see GOLDEN.md)
 from refq.methods.gptq import inverse_cholesky
 from refq.methods.rtn import find_params, quantize_codes, dequantize_codes
+from refq.numeric import fp16
 
 
 # ============================================================================ helpers
@@ -813,11 +814,6 @@ def trace_gptq(W, H, opts):
                    "blocks": after}
 
 
-def _fp16(x):
-    """Round to the nearest float16 value (ties to even), as float64."""
-    return np.asarray(x, np.float64).astype(np.float16).astype(np.float64)
-
-
 def claq_column(w, b, n_res, fit_after):
     """CLAQ's quantization of one (error-updated) column, as refq.methods.claq does it:
     reserve the n_res smallest and largest values (stable order), fit the exact k-means on
@@ -833,10 +829,10 @@ def claq_column(w, b, n_res, fit_after):
         reserved[order[:n_res]] = True
         reserved[order[out - n_res:]] = True
     fit = w[~reserved] if (n_res and fit_after and 2 * n_res < out) else w
-    c = np.sort(_fp16(kmeans1d_centroids(np.ascontiguousarray(fit), 1 << b)))
+    c = np.sort(fp16(kmeans1d_centroids(np.ascontiguousarray(fit), 1 << b)))
     codes = nearest_centroid(w, c)
     q = c[codes]
-    S = np.where(reserved, _fp16(w - q), 0.0)
+    S = np.where(reserved, fp16(w - q), 0.0)
     return q + S, c, codes, reserved, fit
 
 
@@ -904,7 +900,7 @@ def trace_aqlm(W, H, opts, q):
                                           "refq.methods.kmeans")
     M, B, g = opts["num_codebooks"], opts["nbits_per_codebook"], opts["in_group_size"]
     rms = np.sqrt(np.mean(W * W, axis=1))
-    scales = _fp16(np.where(rms > 0, rms, 1.0))
+    scales = fp16(np.where(rms > 0, rms, 1.0))
     scales[scales == 0] = 1.0
     codes0, C0 = init_residual_kmeans(W, scales, M, 2 ** B, g, np.random.default_rng(opts["seed"]))
     rng = np.random.default_rng(0)
@@ -1029,7 +1025,7 @@ def trace_squeezellm(W, H, opts):
     from refq.methods.squeezellm import SENSITIVITY, iqr_outliers, sensitive_outliers
     W = np.asarray(W, np.float64)
     out, n = W.shape
-    F = np.asarray(SENSITIVITY[opts["sensitivity"]](W, H), dtype=np.float64)
+    F = np.asarray(SENSITIVITY[opts["sensitivity"]](W, H, ""), dtype=np.float64)
     M = iqr_outliers(W, opts["outlier_iqr"]) | sensitive_outliers(W, F, opts["sensitive_frac"])
     steps = []
     for r in sorted({0, out // 2}):
@@ -1042,7 +1038,7 @@ def trace_squeezellm(W, H, opts):
 def trace_quantease(W, H, opts):
     """The first CD sweep, from refq's initial quantizer (refq.methods.quantease._init), in
     refq's sweep order, on the target W - S0."""
-    from refq.methods.quantease import _fp16, _init, topk_mask
+    from refq.methods.quantease import _init, topk_mask
     W = np.asarray(W, np.float64)
     out, n = W.shape
     k = int(round(opts["outlier_frac"] * out * n))
@@ -1051,7 +1047,7 @@ def trace_quantease(W, H, opts):
     Hs = np.ascontiguousarray(H[order][:, order])
     Wt = np.ascontiguousarray(W[:, order].T)
     What_t = scales[gidx] * (codes_t - zeros[gidx])
-    St = _fp16(np.where(M[:, order].T, Wt - What_t, 0.0)) if k else np.zeros((n, out))
+    St = fp16(np.where(M[:, order].T, Wt - What_t, 0.0)) if k else np.zeros((n, out))
     return [_step("sweep-1", "quantease_sweep",
                   {"W": (Wt - St).T.copy(), "H": Hs, "W_hat": What_t.T.copy(),
                    "scale": scales[gidx].T.copy(), "zero": zeros[gidx].T.copy()},
