@@ -44,6 +44,33 @@ def quant_method(path):
 _COPY = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
+def model_tensors(model, quantized=None):
+    """(checkpoint name, array) of every tensor a packed checkpoint of `model` stores, in
+    order: embeddings, final norm, lm_head (untied), then per decoder layer its norms,
+    biases and linears: a dense Linear as NAME.weight, a quantized one (from `quantized`
+    {full linear name: QuantizedWeight} if given there, else the model's own) as its
+    stored fields NAME.FIELD.  The one list of the model's tensor names."""
+    from llama_np import Linear
+    quantized = quantized or {}
+    yield "model.embed_tokens.weight", model.embed_tokens
+    yield "model.norm.weight", model.norm
+    if not model.cfg.tie_word_embeddings:
+        yield "lm_head.weight", model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", layer.input_norm
+        yield p + "post_attention_layernorm.weight", layer.post_norm
+        for n, b in layer.biases.items():
+            yield p + n + ".bias", b
+        for n, lin in layer.linears.items():
+            lin = quantized.get(p + n, lin)
+            if isinstance(lin, Linear):
+                yield p + n + ".weight", lin.weight
+            else:                                   # a QuantizedWeight: its stored fields
+                for field, t in lin.tensors().items():
+                    yield f"{p}{n}.{field}", t
+
+
 def is_refq_checkpoint(folder):
     """The marker of a folder refq wrote: config.json whose quantization_config has
     quant_method "refq" (only such a folder may be replaced by --force; a GPTQ or
@@ -70,30 +97,15 @@ def save_packed(out, src_folder, model, quantized, quantization_config, force=Fa
     """
     from safetensors.numpy import save_file
 
-    from llama_np import Linear
     check_out_dir(out, force)
-    tensors = {"model.embed_tokens.weight": model.embed_tokens,
-               "model.norm.weight": model.norm}
-    if not model.cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = model.lm_head.weight
-    layers_meta = {}
+    from llama_np import Linear
+    tensors = dict(model_tensors(model, quantized))
+    layers_meta = {}                                 # every quantized linear, in model order
     for i, layer in enumerate(model.layers):
-        pre = f"model.layers.{i}."
-        tensors[pre + "input_layernorm.weight"] = layer.input_norm
-        tensors[pre + "post_attention_layernorm.weight"] = layer.post_norm
-        for n, b in layer.biases.items():
-            tensors[pre + n + ".bias"] = b
         for n, lin in layer.linears.items():
-            full = pre + n
-            if full in quantized:
-                q = quantized[full]
-                for field, t in q.tensors().items():
-                    tensors[f"{full}.{field}"] = t
-                layers_meta[full] = q.meta()
-            elif isinstance(lin, Linear):
-                tensors[full + ".weight"] = lin.weight
-            else:
-                raise RefqError(f"{full}: quantized but missing from the quantized set")
+            q = quantized.get(f"model.layers.{i}.{n}", lin)
+            if not isinstance(q, Linear):
+                layers_meta[f"model.layers.{i}.{n}"] = q.meta()
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
     with open(os.path.join(src_folder, "config.json"), encoding="utf-8") as f:

@@ -1,7 +1,8 @@
 """Load a model for inference: a Hugging Face folder or a refq packed checkpoint."""
 import numpy as np
 
-from refq.checkpoint import FOREIGN_METHODS, QUANT_METHOD, load_packed_model, quant_method
+from refq.checkpoint import (FOREIGN_METHODS, QUANT_METHOD, load_packed_model,  # noqa: F401
+                             model_tensors, quant_method)
 from refq.errors import RefqError
 
 
@@ -9,28 +10,6 @@ def is_packed(path):
     """True if path is a quantized checkpoint refq reads: its own packed format, or a
     GPTQ / AQLM checkpoint made by another tool (refq.interop.foreign)."""
     return quant_method(path) in (QUANT_METHOD,) + FOREIGN_METHODS
-
-
-def model_tensors(model):
-    """(checkpoint name, array) of every stored tensor of a loaded Llama: dense weights,
-    norms, biases, and the stored fields of quantized linears (NAME.FIELD)."""
-    from llama_np import Linear
-    yield "model.embed_tokens.weight", model.embed_tokens
-    yield "model.norm.weight", model.norm
-    if not model.cfg.tie_word_embeddings:
-        yield "lm_head.weight", model.lm_head.weight
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", layer.input_norm
-        yield p + "post_attention_layernorm.weight", layer.post_norm
-        for n, b in layer.biases.items():
-            yield p + n + ".bias", b
-        for n, lin in layer.linears.items():
-            if isinstance(lin, Linear):
-                yield p + n + ".weight", lin.weight
-            else:                                   # a QuantizedWeight: its stored fields
-                for field, t in lin.tensors().items():
-                    yield f"{p}{n}.{field}", t
 
 
 def check_finite(model, where):
