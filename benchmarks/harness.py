@@ -17,7 +17,6 @@ in the script's own process.  This module holds the common parts:
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -167,15 +166,8 @@ def official_npz(a, script, extra=()):
 # ---------------------------------------------------------------------------
 def machine():
     """'CPU model, nproc N, load average a / b / c' for the table's caption."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from refq.machine import cpu_model
+    model = cpu_model()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     return f"{model}, nproc {os.cpu_count()}, load average {load}"
 

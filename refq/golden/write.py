@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from refq.errors import RefqError
+from refq.machine import cpu_model
 from refq.golden import io, spec, steps as steps_mod
 
 
@@ -181,20 +182,6 @@ def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, 
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return len(cases), failed
-
-
-def cpu_model():
-    """The CPU's model name (informative: refq's own results are bit-identical only on the
-    machine and software that wrote the suite)."""
-    import platform
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _numba_version():

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from refq.machine import cpu_model
 from refq.errors import RefqError
 
 SHAPES = ("576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008")
@@ -81,15 +82,7 @@ def cpu_info():
     import llvmlite
     import llvmlite.binding as ll
     import numba
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     try:
         feats = {k for k, v in ll.get_host_cpu_features().items() if v}
         llvm_cpu = ll.get_host_cpu_name()
