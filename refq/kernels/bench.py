@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 
-from refq.machine import cpu_model
 from refq.errors import RefqError
+from refq.machine import cpu_model
 
 SHAPES = ("576x576", "1536x576", "576x1536", "4096x4096", "11008x4096", "4096x11008")
 FORMATS = {
