@@ -340,7 +340,7 @@ def add_commands(sub):
 def cmd_compare(args):
     import shutil
 
-    from refq import __version__
+    from refq._version import __version__
     from refq.cli_common import read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed

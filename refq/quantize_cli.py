@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import time
-import warnings
 
 
 from refq.errors import RefqError
@@ -212,10 +211,9 @@ def cmd_quantize(args):
     from tqdm import tqdm
 
     from llama_np import Tokenizer, load_model
-    from refq import __version__
-    from refq.api import quantize_weight
-    from refq.calibrate import calibration_windows, quantize_layers
-    from refq.checkpoint import check_out_dir, save_packed
+    from refq.calibrate import calibration_windows
+    from refq.checkpoint import check_out_dir
+    from refq.pipeline import quantize_model
     from refq.cli_common import check_positions, check_seed, read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
@@ -243,9 +241,8 @@ def cmd_quantize(args):
         raise RefqError(f"--calib-batch {args.calib_batch}: need at least 1 sample per batch")
     # Validate every option now rather than after calibration, naming the flag at fault.
     opts, full_opts = options_from_args(args)
-    from refq.finetune import make_layer_hook
     from refq.finetune import options_from_args as finetune_options
-    ft_opts, ft_record = finetune_options(args, args.method), []
+    ft_opts = finetune_options(args, args.method)
 
     folder = resolve_model(args.model)
     if is_packed(folder):
@@ -270,65 +267,33 @@ def cmd_quantize(args):
             raise RefqError(f"--eval-text {args.eval_text}: fewer than 2 tokens")
         result["ppl_before"] = _eval(model, eval_ids, "before")
 
-    rows, quantized = [], {}
     # a killed run restarted with the same arguments continues after its last finished layer
     state = ResumeState(state_dir(args.out), run_fingerprint(
         folder, args.method, full_opts, calib_text, nsamples=args.nsamples, seqlen=args.seqlen,
         seed=args.seed, true_sequential=args.true_sequential, calib_batch=args.calib_batch))
-
-    def quantize(name, W, H):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            q = quantize_weight(W, H, args.method, name=name, **opts)
-        for w in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
-            tqdm.write(f"warning: {w.message}", file=sys.stderr)
-        loss = q.info["loss"]                 # recorded once, by quantize_weight
-        rows.append({"name": name, "loss": loss, "bits_per_weight": q.bits_per_weight})
-        state.notes[name] = rows[-1]
-        quantized[name] = q
-        return q
-
-    t_q = time.perf_counter()
     n_layers = len(model.layers)
     # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
     bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",
                unit="tok", unit_scale=True, file=sys.stderr)
-    from refq.fisher import fisher_context        # squeezellm --sensitivity fisher: F first
-    say = lambda m: tqdm.write(m, file=sys.stderr)  # noqa: E731
     try:
-        with fisher_context(model, windows, full_opts, log=say) as f_info:
-            done = quantize_layers(
-                model, windows, quantize, args.true_sequential,
-                log=lambda i, s: bar.set_description(
-                    f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
-                calib_batch=args.calib_batch, progress=bar.update,
-                resume=None if ft_opts else state,   # fine-tuned norms are not in the state
-                layer_hook=ft_opts and make_layer_hook(ft_opts, ft_record, say))
-        result.update(f_info)
+        run = quantize_model(
+            model, args.method, opts, windows, true_sequential=args.true_sequential,
+            calib_batch=args.calib_batch, finetune=ft_opts, resume=state, progress=bar.update,
+            on_layer=lambda i, s: bar.set_description(
+                f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
+            log=lambda m: tqdm.write(m, file=sys.stderr))
         bar.close()
-        quantized = dict(done)                           # with the layers of a resumed run
-        rows = [state.notes[name] for name, _ in done]
-        q_secs = time.perf_counter() - t_q
-
-        n_w = sum(q.shape[0] * q.shape[1] for q in quantized.values())
-        bpw = sum(q.bits_per_weight * q.shape[0] * q.shape[1] for q in quantized.values()) / n_w
+        result.update(run.info)
+        rows, bpw = run.layers, run.bits_per_weight
         if args.eval:
             result["ppl_after"] = _eval(model, eval_ids, "after")
-
-        shown_opts = next(iter(quantized.values())).options if quantized else opts
-        qc = {"method": args.method, "options": shown_opts, "refq_version": __version__,
-              "bits_per_weight": bpw,
-              "calibration": {"text": os.path.basename(args.calib),
-                              "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
-                              "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                              "true_sequential": args.true_sequential}}
+        calibration = {"text": os.path.basename(args.calib),
+                       "sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+                       "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                       "true_sequential": args.true_sequential}
         if args.calib_batch is not None:
-            qc["calibration"]["calib_batch"] = args.calib_batch
-        if ft_opts:                                    # block fine-tuning: settings, history, time
-            result["finetune"] = qc["finetune"] = {
-                "options": ft_opts, "seconds": round(sum(r["seconds"] for r in ft_record), 3),
-                "layers": ft_record}
-        save_packed(args.out, folder, model, quantized, qc, force=args.force)
+            calibration["calib_batch"] = args.calib_batch
+        run.save(args.out, folder, force=args.force, calibration=calibration)
         state.remove()
     except KeyboardInterrupt:          # Ctrl-C, or SIGTERM (refq.errors.Terminated)
         bar.close()                    # (closing twice is harmless)
@@ -344,9 +309,9 @@ def cmd_quantize(args):
     for r in rows:
         _log(f"{r['name']:<42} {r['loss']:>12.4g} {r['bits_per_weight']:>7.3f}")
     _log(f"{args.method}: {bpw:.4f} bits per weight over {len(rows)} linears, "
-         f"quantized in {q_secs:.1f} s; wrote {args.out}")
+         f"quantized in {run.seconds:.1f} s; wrote {args.out}")
     if args.json:
-        out = {"method": args.method, "options": shown_opts, "bits_per_weight": bpw,
+        out = {"method": args.method, "options": run.options, "bits_per_weight": bpw,
                "seconds": round(time.perf_counter() - t_start, 3), "layers": rows}
         out.update(result)
         print(json.dumps(out))

@@ -155,7 +155,7 @@ def run_fingerprint(model_folder, method, options, calib_text, **calibration):
     """What a `refq quantize` run is, for ResumeState: the model's files, the
     method and its options (all of them, defaults filled in), the calibration
     text's sha256 and the calibration settings (nsamples, seqlen, seed, ...)."""
-    from refq import __version__
+    from refq._version import __version__
     return {"refq_version": __version__, "model": model_fingerprint(model_folder),
             "method": method, "options": options,
             "calib_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),

@@ -100,7 +100,7 @@ def write_case(tmp, method, label, inp, d, given):
 
 def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, log=log_stderr):
     """Write a suite into out_dir; -> (n_cases, {method: error}) for the methods that failed."""
-    import refq
+    from refq._version import __version__
     try:
         from refq.methods import METHODS
     except Exception as e:
@@ -168,7 +168,7 @@ def write_suite(out_dir, methods=None, model_path=None, real=True, force=False, 
                 "tensors": {k: _shape_entry(v) for k, v in inputs[name].items()}}
         manifest = {
             "suite": spec.SUITE, "suite_version": spec.SUITE_VERSION,
-            "refq_version": refq.__version__,
+            "refq_version": __version__,
             "generated_with": {"numpy": np.__version__, "numba": _numba_version(),
                                "cpu": cpu_model()},
             "tiers": list(spec.TIERS),

@@ -103,7 +103,7 @@ def export_layer(name, q, checkpoint_format):
 
 def quantization_config(qws, checkpoint_format):
     """The config.json `quantization_config` (also written as quantize_config.json)."""
-    from refq import __version__
+    from refq._version import __version__
     first = next(iter(qws.values()))
     bits, g, sym = first.bits, first.group_size, first.sym
     for name, q in qws.items():
