@@ -126,6 +126,20 @@ class UniformWeight(QuantizedWeight):
         """(out, in) uint8 codes in stored column order."""
         return unpack(self.qweight, self.bits, self.shape[1])
 
+    def original_order(self):
+        """-> (codes (out, in) uint8, g_idx (in,) int64) in the ORIGINAL column order:
+        column j's code and the group whose scale and zero it uses (stored column k is
+        original column perm[k]).  The act-order layout other runtimes expect (g_idx)."""
+        codes, gidx = self.codes(), self.group_index()
+        if self.perm is None:
+            return codes, gidx
+        p = self.perm.astype(np.int64)
+        full = np.empty_like(codes)
+        full[:, p] = codes
+        g_idx = np.empty_like(gidx)
+        g_idx[p] = gidx
+        return full, g_idx
+
     def zeros(self):
         """(out, G) float32 zero points."""
         out, G = self.shape[0], self.n_groups

@@ -189,17 +189,8 @@ def neutral_fields(q):
     f = q.FORMAT
     out, n = q.shape
     if f in ("uniform", "uniform_sparse"):
-        codes = q.codes().astype(np.int32)                     # stored column order
-        gidx_stored = q.group_index().astype(np.int32)         # (in,) group of stored column
-        if q.perm is not None:                                 # stored column k = original perm[k]
-            p = q.perm.astype(np.int64)
-            full = np.empty_like(codes)
-            full[:, p] = codes
-            codes = full
-            g_idx = np.empty(n, np.int32)
-            g_idx[p] = gidx_stored
-        else:
-            g_idx = gidx_stored
+        codes, g_idx = q.original_order()                      # original column order
+        codes, g_idx = codes.astype(np.int32), g_idx.astype(np.int32)
         d = {"codes": codes, "scales": q.scales.astype(np.float32),
              "zeros": q.zeros().astype(np.float32), "g_idx": g_idx}
         if f == "uniform_sparse":

@@ -74,18 +74,9 @@ def export_layer(name, q, checkpoint_format):
                         "group of words and needs in and out features that are multiples of 32")
     g = q.group_size or n
     G = q.n_groups
-    codes = q.codes().astype(np.int64)                          # (out, in) stored order
+    codes, g_idx = q.original_order()                           # original column order
+    codes = codes.astype(np.int64)                              # (out, in)
     zeros = q.zeros().astype(np.int64)                          # (out, G)
-    gidx = q.group_index()                                      # (in,) group of stored col
-    if q.perm is not None:                                      # back to original order
-        perm = q.perm.astype(np.int64)
-        orig = np.empty_like(codes)
-        orig[:, perm] = codes
-        codes = orig
-        g_idx = np.empty(n, np.int64)
-        g_idx[perm] = gidx
-    else:
-        g_idx = gidx
     if checkpoint_format == "gptq":
         if (zeros == 0).any():
             raise RefqError(f"{name}: an asymmetric zero point is 0, which the v1 GPTQ "
