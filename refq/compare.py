@@ -34,11 +34,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 
 from refq.errors import RefqError
 from refq.options import SEED
+from refq.outdir import write_file_atomic
 
 # "Standard settings": ~3 bits for the quantizers (4 for SLiM, whose paper
 # setting is 4-bit + 2:4), the methods' own defaults otherwise. AQLM is left out
@@ -144,13 +144,9 @@ def _folder_bytes(folder):
 
 
 def _write_atomic(path, text):
-    """Write text to a temporary file beside path, then rename: never half-written."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write text to path, never half-written (refq.outdir.write_file_atomic)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_file_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _write_json_atomic(path, obj):
@@ -303,11 +299,8 @@ def plot(rows, text, path):
     ax.set_ylabel(f"perplexity on {text}")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, metadata={"Software": None})
+    write_file_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

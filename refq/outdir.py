@@ -53,6 +53,23 @@ def _pid_alive(pid):
     return True
 
 
+def write_file_atomic(path, write, suffix=""):
+    """write(f) into a temporary file beside `path` (f: opened "wb"), then rename it onto
+    path: a reader sees the old file or the whole new one, never half of one; the
+    temporary file is removed if write fails.  suffix: the temporary name's ending
+    (for writers that choose a format by it, e.g. matplotlib's savefig)."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def tmp_path(out):
     """The hidden sibling the output is written into: `.NAME.tmp-PID`."""
     a = os.path.abspath(out)

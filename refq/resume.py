@@ -28,6 +28,8 @@ import shutil
 
 import numpy as np
 
+from refq.outdir import write_file_atomic
+
 
 def state_dir(out):
     """The resume folder of output folder `out`: a hidden sibling."""
@@ -54,18 +56,9 @@ def model_fingerprint(folder):
     return files
 
 
-def _write_atomic(path, write):
-    """write(tmp_path), then rename tmp_path to path."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path, obj):
-    def write(tmp):               # keys in their order: a restored meta() is the same dict
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-    _write_atomic(path, write)
+    # keys in their order: a restored meta() is the same dict
+    write_file_atomic(path, lambda f: f.write(json.dumps(obj).encode("utf-8")))
 
 
 class ResumeState:
@@ -127,21 +120,15 @@ class ResumeState:
             for field, t in q.tensors().items():
                 arrays[f"{name}/{field}"] = np.asarray(t)
 
-        def npz(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        def npy(tmp):
-            with open(tmp, "wb") as f:
-                np.save(f, X, allow_pickle=False)
         if not os.path.exists(self._path("fingerprint.json")):
             os.makedirs(self.folder, exist_ok=True)
             _write_json(self._path("fingerprint.json"), self.fingerprint)
-        _write_atomic(self._path(f"layer-{i}.npz"), npz)
+        write_file_atomic(self._path(f"layer-{i}.npz"), lambda f: np.savez(f, **arrays))
         _write_json(self._path(f"layer-{i}.json"),
                     {"meta": meta, "notes": {n: self.notes[n] for n, _ in layer_done
                                              if n in self.notes}})
-        _write_atomic(self._path(f"inputs-{i + 1}.npy"), npy)
+        write_file_atomic(self._path(f"inputs-{i + 1}.npy"),
+                          lambda f: np.save(f, X, allow_pickle=False))
         _write_json(self._path("done.json"), {"layers": i + 1})
         old = self._path(f"inputs-{i}.npy")
         if os.path.exists(old):
