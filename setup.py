@@ -18,7 +18,8 @@ setup(
         "threadpoolctl>=3.5",    # BLAS on one thread per worker: results independent of thread count
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "dask[distributed]>=2024.1"],
+        "cluster": ["dask[distributed]>=2024.1"],   # refq quantize|compare --cluster
         "gpu": ["cupy-cuda12x"],
         "plot": ["matplotlib>=3.5"],        # refq compare's PNG
     },

@@ -271,7 +271,8 @@ def capture_hessians(layer, hs, pos, groups, threads=None, calib_batch=None):
 
 
 def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
-                    threads=None, calib_batch=None, progress=None, resume=None, layer_hook=None):
+                    threads=None, calib_batch=None, progress=None, resume=None, layer_hook=None,
+                    quantize_many=None):
     """Quantize every linear of every decoder layer of `model`, in place.
 
     quantize(name, W, H) -> object with .matmul and .dequantize (the quantized
@@ -293,6 +294,10 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     inputs X (n, T, d), may return a function called once every linear of the
     layer is quantized, before the layer's outputs are computed (e.g.
     refq.finetune's block fine-tuning, which changes the layer in place).
+    quantize_many([(name, W, H), ...]) -> [result, ...], if given, is called
+    instead of quantize with every linear that can be quantized at once: the
+    seven of a layer (true_sequential: one group) -- refq.cluster runs them as
+    parallel tasks.  The results must be those quantize would give.
     """
     n, T = windows.shape
     pos = np.arange(T)
@@ -331,11 +336,15 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
 
             run = _Pass(pool, n_workers, calib_batch, cos, sin, tick)
 
-            def quantize_group(group, H):
-                for name in group:
-                    full = f"model.layers.{i}.{name}"
-                    W = np.asarray(layer.linears[name].dequantize(), dtype=np.float32)
-                    q = quantize(full, W, H)
+            def quantize_group(group, H, more=()):
+                """The linears of `group` (sharing H), and those of the (group, H) in `more`."""
+                names = [(name, Hg) for g, Hg in ((group, H), *more) for name in g]
+                items = [(f"model.layers.{i}.{name}",
+                          np.asarray(layer.linears[name].dequantize(), dtype=np.float32), Hg)
+                         for name, Hg in names]                           # W (out, in)
+                qs = (quantize_many(items) if quantize_many is not None
+                      else [quantize(*item) for item in items])
+                for (name, _), (full, _, _), q in zip(names, items, qs):
                     layer.linears[name] = q
                     done.append((full, q))
 
@@ -343,8 +352,13 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                 # every H from the original weights, then the quantized layer's outputs
                 acc, _ = run(layer, _dense(layer, _before(DOWN)), X, "h", DOWN,
                              want=LINEAR_GROUPS, write=False)
-                for group in LINEAR_GROUPS:
-                    quantize_group(group, acc[group].mean())
+                if quantize_many is None:                      # one group's H at a time
+                    for group in LINEAR_GROUPS:
+                        quantize_group(group, acc.pop(group).mean())
+                else:                                          # all seven linears at once
+                    Hs = [(group, acc.pop(group).mean()) for group in LINEAR_GROUPS]
+                    quantize_group(*Hs[0], more=Hs[1:])
+                    del Hs
                 if after is not None:
                     after()
                 run(layer, _dense(layer, _before(None)), X, "h", None)

@@ -28,6 +28,7 @@ are new since are evaluated); a DIR made with other calibration settings is
 refused rather than mixed. One SPEC that fails is reported in the table and
 the others still run; the exit code is then 1.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -114,24 +115,34 @@ def spec_dir(spec):
 
 
 # ============================================================================ running
-def _run_child(args):
-    """Run `python -m refq.cli ARGS`; -> (returncode, stdout, peak RSS in MiB).
+def _run_child(args, quiet=False):
+    """Run `python -m refq.cli ARGS`; -> (returncode, stdout, peak RSS in MiB, why).
 
-    stderr (progress bars, errors) goes straight to ours. The child is reaped
-    with os.wait4, whose rusage is the child's own (ru_maxrss: KiB on Linux).
+    stderr (progress bars, errors) goes straight to ours; quiet (on a cluster
+    worker, whose stderr nobody reads) keeps it in a temporary file instead,
+    and `why` is then its last line when the child failed (else "").
+    The child is reaped with os.wait4, whose rusage is the child's own
+    (ru_maxrss: KiB on Linux).
     """
-    p = subprocess.Popen([sys.executable, "-m", "refq.cli"] + args,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        out = p.stdout.read()
-        p.stdout.close()
-        _, status, usage = os.wait4(p.pid, 0)
-    except BaseException:   # Ctrl-C / SIGTERM: the child cleans up its output, then we go
-        p.terminate()
-        p.wait()
-        raise
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, out, usage.ru_maxrss / 1024
+    import tempfile
+    with tempfile.TemporaryFile("w+") if quiet else contextlib.nullcontext() as err:
+        p = subprocess.Popen([sys.executable, "-m", "refq.cli"] + args,
+                             stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            out = p.stdout.read()
+            p.stdout.close()
+            _, status, usage = os.wait4(p.pid, 0)
+        except BaseException:   # Ctrl-C / SIGTERM: the child cleans up its output, then we go
+            p.terminate()
+            p.wait()
+            raise
+        p.returncode = os.waitstatus_to_exitcode(status)
+        why = "(its message is above)"
+        if quiet:
+            err.seek(0)
+            lines = [line.strip() for line in err.read().splitlines() if line.strip()]
+            why = f"({lines[-1]})" if lines else ""
+    return p.returncode, out, usage.ru_maxrss / 1024, why
 
 
 def _last_json(out):
@@ -158,7 +169,7 @@ def _sha256_file(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _eval_texts(model, texts, have, max_tokens, ctx):
+def _eval_texts(model, texts, have, max_tokens, ctx, quiet=False):
     """ppl per text name for the texts not in `have`; -> (ppl dict, error or None)."""
     ppl = dict(have)
     for name, path in texts:
@@ -167,15 +178,16 @@ def _eval_texts(model, texts, have, max_tokens, ctx):
         args = ["eval", "--model", model, "--text", path, "--ctx", str(ctx), "--json"]
         if max_tokens:
             args += ["--max-tokens", str(max_tokens)]
-        rc, out, _ = _run_child(args)
+        rc, out, _, why = _run_child(args, quiet)
         if rc != 0:
-            return ppl, f"refq eval on {path} exited with {rc}"
+            return ppl, f"refq eval on {path} exited with {rc} {why}".strip()
         ppl[name] = _last_json(out)["ppl"]
     return ppl, None
 
 
-def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
-    """Quantize + evaluate one spec (or reuse its result.json); -> result dict."""
+def run_spec(spec, method, opts, settings, texts, out_dir, log=_log, quiet=False):
+    """Quantize + evaluate one spec (or reuse its result.json); -> result dict.
+    quiet: the children's messages are kept (see _run_child), not shown."""
     d = os.path.join(out_dir, spec_dir(spec))
     res_path = os.path.join(d, RESULT)
     ckpt = os.path.join(d, "checkpoint")
@@ -197,7 +209,7 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
                             f"but its checkpoint is gone; use --force to redo it")
         log(f"compare: {spec}: evaluating on {', '.join(missing)}")
         res["ppl"], err = _eval_texts(model, texts, res["ppl"], settings["eval_max_tokens"],
-                                      settings["ctx"])
+                                      settings["ctx"], quiet)
         if err:
             return dict(res, error=err)
         _write_json_atomic(res_path, res)
@@ -214,19 +226,63 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log):
                 "--nsamples", str(settings["nsamples"]), "--seqlen", str(settings["seqlen"]),
                 "--seed", str(settings["seed"]), "--out", ckpt, "--force", "--json"]
         t0 = time.perf_counter()
-        rc, out, rss = _run_child(args)
+        rc, out, rss, why = _run_child(args, quiet)
         secs = time.perf_counter() - t0
         if rc != 0:
-            return dict(res, error=f"refq quantize exited with {rc} (its message is above)")
+            return dict(res, error=f"refq quantize exited with {rc} {why}".strip())
         q = _last_json(out)
         res.update(options=q["options"], bits_per_weight=q["bits_per_weight"],
                    quantize_seconds=round(secs, 1), peak_rss_mib=round(rss, 1),
                    packed_bytes=_folder_bytes(ckpt))
-    res["ppl"], err = _eval_texts(model, texts, {}, settings["eval_max_tokens"], settings["ctx"])
+    res["ppl"], err = _eval_texts(model, texts, {}, settings["eval_max_tokens"], settings["ctx"],
+                                  quiet)
     if err:
         return dict(res, error=err)
     _write_json_atomic(res_path, res)
     return res
+
+
+def _spec_task(spec, method, opts, settings, texts, out_dir):
+    """On a cluster worker: run_spec, its messages returned -> (result, [log lines])."""
+    lines = []
+    return run_spec(spec, method, opts, settings, texts, out_dir, log=lines.append,
+                    quiet=True), lines
+
+
+def run_specs(todo, settings, texts, out_dir, client=None):
+    """run_spec for every (spec, method, opts) of todo -> results in todo's order.
+
+    client (a dask.distributed Client, refq.cluster): each spec is one task,
+    all submitted at once and run as workers free up (Dask's retries re-run
+    one whose worker died).  A spec done before is reused by run_spec on the
+    worker, from its result.json in out_dir (a folder every worker sees)."""
+    def failed(r):
+        if r.get("error"):
+            _log(f"compare: {r['spec']}: FAILED: {r['error']}")
+        return r
+
+    if client is None:
+        return [failed(run_spec(spec, method, opts, settings, texts, out_dir))
+                for spec, method, opts in todo]
+    from distributed import as_completed
+    from tqdm import tqdm
+    from refq.cluster import RETRIES
+    futures = {client.submit(_spec_task, spec, method, opts, settings, texts, out_dir,
+                             retries=RETRIES, pure=False, key=f"refq-compare-{spec_dir(spec)}"): k
+               for k, (spec, method, opts) in enumerate(todo)}
+    rows = [None] * len(todo)
+    with tqdm(total=len(todo), desc="compare", unit="spec", file=sys.stderr) as bar:
+        for f in as_completed(futures):
+            try:
+                rows[futures[f]], lines = f.result()  # a RefqError of run_spec: raised here
+            except BaseException:
+                client.cancel(list(futures))
+                raise
+            for line in lines:
+                bar.write(line, file=sys.stderr)
+            failed(rows[futures[f]])
+            bar.update()
+    return rows
 
 
 # ============================================================================ table and plot
@@ -327,13 +383,14 @@ def add_commands(sub):
     s.add_argument("--no-baseline", action="store_true", help="leave out the unquantized model's row")
     s.add_argument("--no-plot", action="store_true", help="no PNG plot")
     s.add_argument("--json", action="store_true", help="print compare.json on stdout")
+    s.add_argument("--cluster", metavar="ADDRESS|local:N", default=None,
+                   help="run the SPECs as parallel tasks on a Dask cluster: local:N starts N "
+                   "worker processes here, ADDRESS is a running scheduler (tcp://host:8786) "
+                   "whose workers see --out (needs dask[distributed])")
     s.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args):
-    import shutil
-
-    from refq._version import __version__
     from refq.cli_common import read_text
     from refq.fetch import resolve_model
     from refq.loading import is_packed
@@ -378,6 +435,17 @@ def cmd_compare(args):
                 "calib": os.path.abspath(args.calib), "calib_sha256": _sha256_file(args.calib),
                 "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                 "ctx": args.ctx, "eval_max_tokens": args.eval_max_tokens}
+    # the cluster reached (or started) before any work; shut down however the run ends
+    from refq.cluster import connect
+    with connect(args.cluster, log=_log) if args.cluster else contextlib.nullcontext() as client:
+        return _compare(args, parsed, settings, texts, client)
+
+
+def _compare(args, parsed, settings, texts, client):
+    """cmd_compare once every argument is checked: run the specs, write the report."""
+    import shutil
+
+    from refq._version import __version__
     os.makedirs(args.out, exist_ok=True)
     todo = ([] if args.no_baseline else [(BASELINE, BASELINE, {})]) + parsed
     if args.force:
@@ -390,12 +458,7 @@ def cmd_compare(args):
                                 f"write; not replacing it, even with --force")
         for d in spec_dirs:
             shutil.rmtree(d, ignore_errors=True)
-    rows = []
-    for spec, method, opts in todo:
-        r = run_spec(spec, method, opts, settings, texts, args.out)
-        if r.get("error"):
-            _log(f"compare: {spec}: FAILED: {r['error']}")
-        rows.append(r)
+    rows = run_specs(todo, settings, texts, args.out, client)
 
     table = markdown(rows, texts, settings)
     report = {"refq_version": __version__, "settings": settings,

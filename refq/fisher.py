@@ -73,6 +73,12 @@ def use_fisher(F):
         _CURRENT = old
 
 
+def current_fisher(name):
+    """F of tensor `name` in the Fisher made current by use_fisher, or None (refq.cluster
+    sends it with the linear's task: a worker has no current Fisher of its own)."""
+    return None if _CURRENT is None else _CURRENT.get(name)
+
+
 @contextlib.contextmanager
 def fisher_context(model, windows, opts, log=None):
     """Compute F on `model` (before quantization) when opts ask for it; else nothing.

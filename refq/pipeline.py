@@ -19,8 +19,11 @@ recipes that are not one linear at a time:
   - AQLM's block fine-tuning (finetune=options of refq.finetune): each decoder
     layer tuned after its linears are quantized, before it feeds the next;
   - resume (a refq.resume.ResumeState): finished decoder layers are saved and,
-    on a restart with the same fingerprint, restored instead of recomputed.
+    on a restart with the same fingerprint, restored instead of recomputed;
+  - cluster (refq.cluster): the linears of a layer quantized as parallel Dask
+    tasks instead of one after the other here.
 """
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ import refq.api
 from refq._version import __version__
 from refq.calibrate import quantize_layers
 from refq.checkpoint import save_packed
+from refq.cluster import connect
 from refq.finetune import make_layer_hook
 from refq.fisher import fisher_context
 
@@ -70,7 +74,7 @@ class QuantizedModel:
 
 def quantize_model(model, method, options, windows, *, true_sequential=False,
                    calib_batch=None, threads=None, finetune=None, resume=None,
-                   progress=None, on_layer=None, log=None):
+                   progress=None, on_layer=None, log=None, cluster=None, on_linear=None):
     """Quantize every linear of `model` (in place) with `method` on calibration `windows`.
 
     options: the method's options ({} = defaults), as refq.quantize_weight takes them.
@@ -82,6 +86,10 @@ def quantize_model(model, method, options, windows, *, true_sequential=False,
         norms are not in the state).
     progress(tokens), on_layer(i, seconds): the calibration's progress; log(text): the
         quantizers' warnings and the Fisher / fine-tuning messages.
+    cluster: None (this process), or "local:N", a Dask scheduler address or a
+        dask.distributed Client (refq.cluster): each linear is then one task on the
+        cluster, the seven of a layer at once; the result is the same bytes.
+        on_linear(name) as each linear's task finishes.
     -> QuantizedModel.
     """
     t0 = time.perf_counter()
@@ -89,22 +97,37 @@ def quantize_model(model, method, options, windows, *, true_sequential=False,
     log = log or (lambda text: None)
     notes = resume.notes if resume is not None else {}
 
-    def quantize(name, W, H):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            q = refq.api.quantize_weight(W, H, method, name=name, **options)
-        for w in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
-            log(f"warning: {w.message}")
+    def note(name, q, caught):
+        for text in caught:  # e.g. GPTQ's "Cholesky failed, retried with more damping"
+            log(f"warning: {text}")
         # the loss is recorded once, by quantize_weight
         notes[name] = {"name": name, "loss": q.info["loss"], "bits_per_weight": q.bits_per_weight}
         return q
 
+    def quantize(name, W, H):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            q = refq.api.quantize_weight(W, H, method, name=name, **options)
+        return note(name, q, [str(w.message) for w in caught])
+
+    def quantize_on_cluster(items):        # [(name, W, H)]: one Dask task each
+        from refq.api import load_quantized
+        from refq.cluster import quantize_linears
+        from refq.fisher import current_fisher
+        packed = quantize_linears(client, method, full, items, fisher=current_fisher,
+                                  progress=on_linear, log=log)
+        return [note(name, load_quantized(tensors, meta), caught)
+                for (name, _, _), (tensors, meta, caught) in zip(items, packed)]
+
     record, info = [], {}
     hook = make_layer_hook(finetune, record, log) if finetune else None
-    with fisher_context(model, windows, full, log=log) as fisher_info:
-        done = quantize_layers(model, windows, quantize, true_sequential, log=on_layer,
-                               threads=threads, calib_batch=calib_batch, progress=progress,
-                               resume=None if finetune else resume, layer_hook=hook)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(connect(cluster)) if cluster is not None else None
+        with fisher_context(model, windows, full, log=log) as fisher_info:
+            done = quantize_layers(model, windows, quantize, true_sequential, log=on_layer,
+                                   threads=threads, calib_batch=calib_batch, progress=progress,
+                                   resume=None if finetune else resume, layer_hook=hook,
+                                   quantize_many=None if client is None else quantize_on_cluster)
     info.update(fisher_info)
     if finetune:
         info["finetune"] = {"options": finetune,

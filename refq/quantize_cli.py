@@ -74,6 +74,10 @@ def add_commands(sub):
                         "and changes H in its float32 rounding")
     from refq.finetune import add_flags
     add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm)
+    s.add_argument("--cluster", metavar="ADDRESS|local:N", default=None,
+                   help="quantize the linears of each layer as parallel tasks on a Dask cluster: "
+                   "local:N starts N worker processes here, ADDRESS is a running scheduler "
+                   "(tcp://host:8786); the output is the same bytes (needs dask[distributed])")
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
@@ -208,16 +212,10 @@ def _eval(model, ids, what):
 
 
 def cmd_quantize(args):
-    from tqdm import tqdm
-
-    from llama_np import Tokenizer, load_model
-    from refq.calibrate import calibration_windows
     from refq.checkpoint import check_out_dir
-    from refq.pipeline import quantize_model
-    from refq.cli_common import check_positions, check_seed, read_text
+    from refq.cli_common import check_seed
     from refq.fetch import resolve_model
     from refq.loading import is_packed
-    from refq.resume import ResumeState, run_fingerprint, state_dir
 
     if args.help:
         if args.method:
@@ -243,10 +241,26 @@ def cmd_quantize(args):
     opts, full_opts = options_from_args(args)
     from refq.finetune import options_from_args as finetune_options
     ft_opts = finetune_options(args, args.method)
-
     folder = resolve_model(args.model)
     if is_packed(folder):
         raise RefqError(f"--model {folder}: already a packed checkpoint; give the original model")
+    # the cluster reached (or started) before any work; shut down however the run ends
+    from contextlib import nullcontext
+    from refq.cluster import connect
+    with connect(args.cluster, log=_log) if args.cluster else nullcontext() as client:
+        return _quantize(args, folder, opts, full_opts, ft_opts, client)
+
+
+def _quantize(args, folder, opts, full_opts, ft_opts, client):
+    """cmd_quantize once every argument is checked: calibrate, quantize, write --out."""
+    from tqdm import tqdm
+
+    from llama_np import Tokenizer, load_model
+    from refq.calibrate import calibration_windows
+    from refq.cli_common import check_positions, read_text
+    from refq.pipeline import quantize_model
+    from refq.resume import ResumeState, run_fingerprint, state_dir
+
     t_start = time.perf_counter()
     model, tok = load_model(folder), Tokenizer(folder)
     _check_finite(model, folder)
@@ -275,13 +289,19 @@ def cmd_quantize(args):
     # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
     bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",
                unit="tok", unit_scale=True, file=sys.stderr)
+    # with --cluster: a second bar, the linears whose tasks have finished on the cluster
+    n_linears = sum(len(layer.linears) for layer in model.layers)
+    linears = tqdm(total=n_linears, desc="cluster", unit="linear", file=sys.stderr,
+                   position=1, disable=client is None)
     try:
         run = quantize_model(
             model, args.method, opts, windows, true_sequential=args.true_sequential,
             calib_batch=args.calib_batch, finetune=ft_opts, resume=state, progress=bar.update,
             on_layer=lambda i, s: bar.set_description(
                 f"{args.method} layer {min(i + 2, n_layers)}/{n_layers}"),
-            log=lambda m: tqdm.write(m, file=sys.stderr))
+            log=lambda m: tqdm.write(m, file=sys.stderr),
+            cluster=client, on_linear=lambda name: linears.update())
+        linears.close()
         bar.close()
         result.update(run.info)
         rows, bpw = run.layers, run.bits_per_weight
@@ -303,6 +323,7 @@ def cmd_quantize(args):
                  "the same command continues from there (delete it to start afresh)")
         raise
     finally:
+        linears.close()
         bar.close()                    # an error message then starts on its own line
 
     _log(f"{'layer':<42} {'loss':>12} {'bits':>7}")
