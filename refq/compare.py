@@ -27,6 +27,11 @@ Resumable: a SPEC whose result.json exists in DIR is not recomputed (texts that
 are new since are evaluated); a DIR made with other calibration settings is
 refused rather than mixed. One SPEC that fails is reported in the table and
 the others still run; the exit code is then 1.
+
+With --cluster ADDRESS|local:N each SPEC is one Dask task (run_specs,
+refq/cluster.py): run_spec runs on a worker, its children's messages kept
+there (a failed child's last line goes into the table), and the resume rule
+is the same one, applied by the worker to DIR (which every worker must see).
 """
 import contextlib
 import hashlib
