@@ -63,22 +63,26 @@ def windows_of(tiny):
     return calibration_windows(ids, nsamples=4, seqlen=16, seed=0)
 
 
-def quantize_to(tiny, out, method, options, cluster=None):
+def quantize_to(tiny, out, method, options, cluster=None, **kw):
     """refq.quantize_model on the tiny model, saved to folder `out`; -> its files' bytes."""
     from llama_np import load_model
     from refq.pipeline import quantize_model
     model = load_model(str(tiny / "model"))
-    run = quantize_model(model, method, options, windows_of(tiny), cluster=cluster)
+    run = quantize_model(model, method, options, windows_of(tiny), cluster=cluster, **kw)
     run.save(str(out), str(tiny / "model"))
     return {f: (out / f).read_bytes() for f in sorted(os.listdir(out))}
 
 
-@pytest.mark.parametrize("method,options", [("gptq", {"bits": 3, "group_size": 16}),
-                                            ("claq", {"bits": 3}),
-                                            ("aqlm", AQLM)])
-def test_same_bytes_as_one_process(tiny, tmp_path, client, method, options):
-    one = quantize_to(tiny, tmp_path / "one", method, options)
-    many = quantize_to(tiny, tmp_path / "many", method, options, cluster=client)
+@pytest.mark.parametrize("method,options,kw", [
+    ("gptq", {"bits": 3, "group_size": 16}, {}),
+    ("claq", {"bits": 3}, {}),
+    ("aqlm", AQLM, {}),
+    ("gptq", {"bits": 3, "act_order": True}, {"true_sequential": True}),   # a group at a time
+    ("squeezellm", {"bits": 3, "sensitivity": "fisher"}, {}),    # F travels with its linear
+])
+def test_same_bytes_as_one_process(tiny, tmp_path, client, method, options, kw):
+    one = quantize_to(tiny, tmp_path / "one", method, options, **kw)
+    many = quantize_to(tiny, tmp_path / "many", method, options, cluster=client, **kw)
     assert list(many) == list(one)
     for f in one:
         assert many[f] == one[f], f
