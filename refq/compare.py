@@ -120,19 +120,33 @@ def spec_dir(spec):
 
 
 # ============================================================================ running
+def _die_with_parent():
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies,
+    so that a cluster worker killed (SIGKILL, out of memory) leaves no `refq quantize`
+    running on behind it, writing where the task's re-run writes."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_child(args, quiet=False):
     """Run `python -m refq.cli ARGS`; -> (returncode, stdout, peak RSS in MiB, why).
 
     stderr (progress bars, errors) goes straight to ours; quiet (on a cluster
     worker, whose stderr nobody reads) keeps it in a temporary file instead,
-    and `why` is then its last line when the child failed (else "").
+    and `why` is then its last line when the child failed (else ""); the
+    child then also ends with the worker (_die_with_parent).
     The child is reaped with os.wait4, whose rusage is the child's own
     (ru_maxrss: KiB on Linux).
     """
     import tempfile
     with tempfile.TemporaryFile("w+") if quiet else contextlib.nullcontext() as err:
         p = subprocess.Popen([sys.executable, "-m", "refq.cli"] + args,
-                             stdout=subprocess.PIPE, stderr=err, text=True)
+                             stdout=subprocess.PIPE, stderr=err, text=True,
+                             preexec_fn=_die_with_parent if quiet else None)
         try:
             out = p.stdout.read()
             p.stdout.close()

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cluster")
     write_tiny_checkpoint(str(d / "model"))
     rng = np.random.default_rng(0)
-    for name, n in (("calib.txt", 400), ("a.txt", 120)):
+    for name, n in (("calib.txt", 400), ("a.txt", 120), ("long.txt", 4000)):
         (d / name).write_text(tiny_text(rng.integers(2, 64, size=n)) + "\n")
     return d
 
@@ -166,15 +166,36 @@ def test_cli_local_cluster_same_bytes_and_no_orphans(tiny, tmp_path, gptq_one):
     assert marked_processes(mark) == []
 
 
+SLOW_AQLM = ("--nsamples", 64, "--seqlen", 32)              # with --calib long.txt
+SLOW_AQLM_OPTIONS = {"nbits_per_codebook": 4, "max_iters": 50, "relative_tolerance": 0}
+
+
+def start_marked(*args, mark):
+    return subprocess.Popen([sys.executable, "-m", "refq.cli", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, REFQ_TEST_MARK=mark))
+
+
+def wait_for(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_sigterm_shuts_the_local_cluster_down(tiny, tmp_path):
     mark = uuid.uuid4().hex
-    p = subprocess.Popen(
-        [sys.executable, "-m", "refq.cli", "quantize", "--model", str(tiny / "model"),
-         "--calib", str(tiny / "calib.txt"), "--nsamples", "64", "--seqlen", "32",
-         "--method", "aqlm", "--nbits-per-codebook", "4", "--max-iters", "50",
-         "--relative-tolerance", "0", "--out", str(tmp_path / "out"), "--cluster", "local:2"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, REFQ_TEST_MARK=mark))
+    p = start_marked("quantize", "--model", tiny / "model", "--calib", tiny / "long.txt",
+                     *SLOW_AQLM, "--method", "aqlm", "--options", json.dumps(SLOW_AQLM_OPTIONS),
+                     "--out", tmp_path / "out", "--cluster", "local:2", mark=mark)
     for line in p.stderr:                              # the cluster is up and working
         if line.startswith("cluster: local:2"):
             break
@@ -184,11 +205,44 @@ def test_sigterm_shuts_the_local_cluster_down(tiny, tmp_path):
     rest = p.stderr.read()
     assert p.wait(timeout=60) == 143, rest
     assert "refq quantize: terminated" in rest
-    deadline = time.time() + 10
-    while marked_processes(mark) and time.time() < deadline:
-        time.sleep(0.2)
-    assert marked_processes(mark) == []
+    assert wait_for(lambda: marked_processes(mark) == [], 15), \
+        [cmdline(pid) for pid in marked_processes(mark)]
     assert not (tmp_path / "out").exists()
+
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_compare_worker_killed_mid_spec(tiny, tmp_path, client):
+    """SIGKILL the worker running a spec's `refq quantize` child: the child ends with it
+    (nothing left writing the checkpoint) and the spec runs again on a live worker."""
+    out = tmp_path / "cmp"
+    spec = "aqlm:" + ",".join(f"{k}={v}" for k, v in SLOW_AQLM_OPTIONS.items())
+    p = subprocess.Popen(
+        [sys.executable, "-m", "refq.cli", "compare", "--model", str(tiny / "model"),
+         "--calib", str(tiny / "long.txt"), *map(str, SLOW_AQLM), "--methods", spec,
+         "--no-baseline", "--no-plot", "--ctx", "16", "--text", str(tiny / "a.txt"),
+         "--out", str(out), "--json", "--cluster", client.scheduler.address],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = set(client.run(os.getpid).values())
+
+    def children():
+        return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                if f"--out {out}/" in cmdline(pid) and " quantize " in cmdline(pid)]
+    assert wait_for(children, 60)
+    child = children()[0]
+    worker = parent(child)
+    assert worker in workers
+    os.kill(worker, signal.SIGKILL)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{child}"), 10)   # ended with its worker
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    row = json.loads(stdout)["rows"][0]
+    assert row["spec"] == spec and "error" not in row
+    assert (out / spec_dir(spec) / "result.json").exists()
+    client.wait_for_workers(2, timeout=60)
 
 
 @pytest.mark.parametrize("command", ["quantize", "compare"])
