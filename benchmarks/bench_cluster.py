@@ -134,6 +134,7 @@ def quantize(a):
                 q = run.quantized[f"model.layers.{i}.{n}"]
                 sent += q.shape[0] * q.shape[1] * 4                               # W (out, in)
                 back += sum(t.nbytes for t in q.tensors().values())
+    res["bytes_to_workers"], res["bytes_back"] = sent, back
     res["bits_per_weight"] = run.bits_per_weight
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "ckpt")

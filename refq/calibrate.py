@@ -336,12 +336,12 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
 
             run = _Pass(pool, n_workers, calib_batch, cos, sin, tick)
 
-            def quantize_group(group, H, more=()):
-                """The linears of `group` (sharing H), and those of the (group, H) in `more`."""
-                names = [(name, Hg) for g, Hg in ((group, H), *more) for name in g]
+            def quantize_groups(*pairs):
+                """The linears of each (group, H) given: those of a group share its H."""
+                names = [(name, H) for group, H in pairs for name in group]
                 items = [(f"model.layers.{i}.{name}",
-                          np.asarray(layer.linears[name].dequantize(), dtype=np.float32), Hg)
-                         for name, Hg in names]                           # W (out, in)
+                          np.asarray(layer.linears[name].dequantize(), dtype=np.float32), H)
+                         for name, H in names]                            # W (out, in)
                 qs = (quantize_many(items) if quantize_many is not None
                       else [quantize(*item) for item in items])
                 for (name, _), (full, _, _), q in zip(names, items, qs):
@@ -354,27 +354,25 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
                              want=LINEAR_GROUPS, write=False)
                 if quantize_many is None:                      # one group's H at a time
                     for group in LINEAR_GROUPS:
-                        quantize_group(group, acc.pop(group).mean())
+                        quantize_groups((group, acc.pop(group).mean()))
                 else:                                          # all seven linears at once
-                    Hs = [(group, acc.pop(group).mean()) for group in LINEAR_GROUPS]
-                    quantize_group(*Hs[0], more=Hs[1:])
-                    del Hs
+                    quantize_groups(*[(group, acc.pop(group).mean()) for group in LINEAR_GROUPS])
                 if after is not None:
                     after()
                 run(layer, _dense(layer, _before(None)), X, "h", None)
             else:
                 acc, _ = run(layer, {}, X, "h", QKV, want=(QKV,), write=False)
-                quantize_group(QKV, acc[QKV].mean())
+                quantize_groups((QKV, acc[QKV].mean()))
                 acc, Ob = run(layer, _dense(layer, QKV), X, "h", O, want=(O,),
                               write=False, keep_o=True)
-                quantize_group(O, acc[O].mean())
+                quantize_groups((O, acc[O].mean()))
                 acc, _ = run(layer, _dense(layer, O), X, "o", GATE_UP, O=Ob,
                              want=(GATE_UP,))                             # X <- h1
                 del Ob
-                quantize_group(GATE_UP, acc[GATE_UP].mean())
+                quantize_groups((GATE_UP, acc[GATE_UP].mean()))
                 acc, _ = run(layer, _dense(layer, GATE_UP), X, "h1", DOWN, want=(DOWN,),
                              write=False)
-                quantize_group(DOWN, acc[DOWN].mean())
+                quantize_groups((DOWN, acc[DOWN].mean()))
                 if after is None:
                     run(layer, _dense(layer, GATE_UP + DOWN), X, "h1", None)  # X <- output
                 else:                            # fine-tuning changes h1 too: from the input
