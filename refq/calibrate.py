@@ -32,7 +32,8 @@ How the work is done (the numbers do not depend on any of it):
   * Batches.  The samples are cut into batches of `calib_batch` samples
     (default: BATCH_TOKENS tokens, 4 samples of 512); a batch's linears are
     one product over all its tokens, (batch*seqlen, in) x (in, out).
-    Attention is per sample, in blocks of queries (llama_np causal_attention).
+    Attention is per sample, in blocks of queries (llama_np causal_attention);
+    the stages are llama_np.batched.layer_stages, shared with perplexity.
   * Hessians.  A batch's Gram matrix xᵀx is formed in float32 (BLAS syrk) as
     soon as x is computed, and added to a float64 sum in batch order.  So
     calib_batch changes H in its float32 rounding (a partial sum over other
@@ -49,10 +50,11 @@ import time
 import numpy as np
 from scipy.linalg.blas import ssyrk
 
-from llama_np.model import (LINEAR_GROUPS, apply_rope, causal_attention, rms_norm,
-                            rope_cos_sin)
+from llama_np.batched import layer_stages
+from llama_np.model import LINEAR_GROUPS, rope_cos_sin
 from llama_np.parallel import in_order, workers
 from refq.errors import RefqError
+from refq.resume import set_layer_params
 
 QKV, O, GATE_UP, DOWN = LINEAR_GROUPS
 BATCH_TOKENS = 2048         # default batch: this many tokens (whole samples, at least one)
@@ -121,76 +123,7 @@ def default_batch(seqlen):
 
 
 # ============================================================================ one layer
-def _product(x, W, b=None):
-    """x (..., in) @ Wᵀ (+ b): one BLAS product over all rows of x.  -> (..., out)."""
-    y = x.reshape(-1, x.shape[-1]) @ W.T
-    if b is not None:
-        y += b
-    return y.reshape(x.shape[:-1] + (W.shape[0],))
-
-
-def _silu_times(gate, up):
-    """silu(gate) * up, computed in place in gate: the float32 operations of
-    llama_np's silu(gate) * up, without its temporaries.  (b, T, ff)."""
-    t = np.negative(gate)
-    np.exp(t, out=t)
-    t += np.float32(1.0)
-    gate /= t                                   # silu(gate) = gate / (1 + exp(-gate))
-    gate *= up
-    return gate
-
-
-def _attention_output(layer, W, a, cos, sin):
-    """o = attention(q, k, v) from a = RMSNorm(h).  a (b, T, d) -> (b, T, nh*hd)."""
-    cfg = layer.cfg
-    bsz, T, _ = a.shape
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    bias = layer.biases.get
-    q = _product(a, W["self_attn.q_proj"], bias("self_attn.q_proj")).reshape(bsz, T, nh, hd)
-    k = _product(a, W["self_attn.k_proj"], bias("self_attn.k_proj")).reshape(bsz, T, nkv, hd)
-    v = _product(a, W["self_attn.v_proj"], bias("self_attn.v_proj")).reshape(bsz, T, nkv, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)              # (b, T, heads, hd)
-    return np.stack([causal_attention(q[j], k[j], v[j]) for j in range(bsz)])
-
-
-def layer_stages(layer, W, h, cos, sin, start="h", stop=None, o=None, capture=None):
-    """Run decoder layer `layer` on a batch of samples, from `start` to `stop`.
-
-    W: {linear name: (out, in) float32} the weights to use (dense).
-    start: "h"  (h is the layer input),
-           "o"  (h is the layer input and o its attention output, kept),
-           "h1" (h is h1 = input + attention, kept).
-    stop: the group of linears whose input ends the run (that input is
-    captured, not multiplied), or None for the layer's output.
-    capture(group, x) is called with each group's input x (b, T, in) met on the way.
-    Returns (h or h1 or out, o or None): what the next stage starts from.
-    h (b, T, d) float32; cos, sin (T, hd).
-    """
-    eps = layer.cfg.rms_norm_eps
-    capture = capture or (lambda g, x: None)
-    if start == "h":
-        a = rms_norm(h, layer.input_norm, eps)                           # (b, T, d)
-        capture(QKV, a)
-        if stop == QKV:
-            return h, None
-        o = _attention_output(layer, W, a, cos, sin)                     # (b, T, nh*hd)
-        start = "o"
-    if start == "o":
-        capture(O, o)
-        if stop == O:
-            return h, o
-        h = h + _product(o, W["self_attn.o_proj"])                        # h1 (b, T, d)
-    m = rms_norm(h, layer.post_norm, eps)                                # (b, T, d)
-    capture(GATE_UP, m)
-    if stop == GATE_UP:
-        return h, None
-    g = _silu_times(_product(m, W["mlp.gate_proj"]), _product(m, W["mlp.up_proj"]))  # (b, T, ff)
-    capture(DOWN, g)
-    if stop == DOWN:
-        return h, None
-    return h + _product(g, W["mlp.down_proj"]), None                     # (b, T, d)
-
-
+# (the stages of a layer over a batch of samples: llama_np.batched.layer_stages)
 class _Pass:
     """Runs layer_stages over all samples of X, batch by batch, on the worker threads."""
 
@@ -288,8 +221,9 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     log(i, seconds) after each decoder layer; progress(tokens) as calibration
     tokens go through a layer (each layer counts n*T tokens in all).
     resume: a refq.resume.ResumeState; the layers it holds are put back in
-    the model (and returned) instead of being quantized again, and each
-    finished layer is saved to it.
+    the model (their linears returned, their norms and biases as the layer
+    hook left them) instead of being quantized again, and each finished
+    layer is saved to it.
     layer_hook(i, layer, X, pos), called before layer i is quantized with its
     inputs X (n, T, d), may return a function called once every linear of the
     layer is quantized, before the layer's outputs are computed (e.g.
@@ -307,13 +241,15 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
     X = model.embed(windows)                                            # (n, T, d)
     done, first = [], 0
     if resume is not None:
-        first, X_saved, restored = resume.restore()
+        first, X_saved, restored, params = resume.restore()
         if first:
             X = X_saved                                                 # input of layer `first`
         for full, q in restored:                     # "model.layers.{i}.{name}"
             _, _, i, name = full.split(".", 3)
             model.layers[int(i)].linears[name] = q
             done.append((full, q))
+        for i, p in enumerate(params):               # norms, biases (as fine-tuning left them)
+            set_layer_params(model.layers[i], p)
     with workers(threads) as (pool, n_workers):
         for i, layer in enumerate(model.layers):
             if i < first:
@@ -382,7 +318,7 @@ def quantize_layers(model, windows, quantize, true_sequential=False, log=None,
             if progress is not None and ticked[0] < n * T:
                 progress(n * T - ticked[0])
             if resume is not None:
-                resume.save(i, X, done[n_done:])
+                resume.save(i, X, done[n_done:], layer)
             if log is not None:
                 log(i, time.perf_counter() - t0)
     return done

@@ -198,8 +198,10 @@ def load_quantized_linear(ckpt, name, meta):
     """The QuantizedWeight stored under `name` in a packed checkpoint."""
     from refq.api import load_quantized
     prefix = name + "."
+    # (NAME.bias is the linear's bias, a dense tensor beside it: q/k/v of Qwen2-style models)
     fields = {k[len(prefix):]: np.asarray(ckpt.raw(k)) for k in ckpt.names()
-              if k.startswith(prefix) and k[len(prefix):].isidentifier()}
+              if k.startswith(prefix) and k[len(prefix):].isidentifier()
+              and k[len(prefix):] != "bias"}
     if not fields:
         raise RefqError(f"{ckpt.folder}: quantized linear {name!r} has no stored tensors")
     try:

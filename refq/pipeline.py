@@ -72,6 +72,21 @@ class QuantizedModel:
                     self.quantization_config(**extra), force=force)
 
 
+def _finetune_hook(opts, record, layer_notes, log):
+    """refq.finetune's layer hook, each layer's record also put in layer_notes[i]
+    (a ResumeState's: saved with the layer, given back on restore)."""
+    tune = make_layer_hook(opts, record, log)
+
+    def hook(i, layer, hs, pos):
+        after = tune(i, layer, hs, pos)
+
+        def after_and_note():
+            after()
+            layer_notes[i] = record[-1]
+        return after_and_note
+    return hook
+
+
 def quantize_model(model, method, options, windows, *, true_sequential=False,
                    calib_batch=None, threads=None, finetune=None, resume=None,
                    progress=None, on_layer=None, log=None, cluster=None, on_linear=None):
@@ -82,8 +97,8 @@ def quantize_model(model, method, options, windows, *, true_sequential=False,
     true_sequential, calib_batch, threads: refq.calibrate.quantize_layers's (none of
         them but calib_batch changes a result, and that only in H's float32 rounding).
     finetune: AQLM block fine-tuning options (refq.finetune), or None.
-    resume: a refq.resume.ResumeState, or None (not with finetune: the fine-tuned
-        norms are not in the state).
+    resume: a refq.resume.ResumeState, or None.  With finetune, each layer's state
+        holds its fine-tuned parameters and fine-tuning record.
     progress(tokens), on_layer(i, seconds): the calibration's progress; log(text): the
         quantizers' warnings and the Fisher / fine-tuning messages.
     cluster: None (this process), or "local:N", a Dask scheduler address or a
@@ -120,16 +135,18 @@ def quantize_model(model, method, options, windows, *, true_sequential=False,
                 for (name, _, _), (tensors, meta, caught) in zip(items, packed)]
 
     record, info = [], {}
-    hook = make_layer_hook(finetune, record, log) if finetune else None
+    layer_notes = resume.layer_notes if resume is not None else {}
+    hook = _finetune_hook(finetune, record, layer_notes, log) if finetune else None
     with contextlib.ExitStack() as stack:
         client = stack.enter_context(connect(cluster)) if cluster is not None else None
         with fisher_context(model, windows, full, log=log) as fisher_info:
             done = quantize_layers(model, windows, quantize, true_sequential, log=on_layer,
                                    threads=threads, calib_batch=calib_batch, progress=progress,
-                                   resume=None if finetune else resume, layer_hook=hook,
+                                   resume=resume, layer_hook=hook,
                                    quantize_many=None if client is None else quantize_on_cluster)
     info.update(fisher_info)
     if finetune:
+        record = [layer_notes[i] for i in sorted(layer_notes)]   # with the restored layers'
         info["finetune"] = {"options": finetune,
                             "seconds": round(sum(r["seconds"] for r in record), 3),
                             "layers": record}

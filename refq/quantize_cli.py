@@ -284,7 +284,8 @@ def _quantize(args, folder, opts, full_opts, ft_opts, client):
     # a killed run restarted with the same arguments continues after its last finished layer
     state = ResumeState(state_dir(args.out), run_fingerprint(
         folder, args.method, full_opts, calib_text, nsamples=args.nsamples, seqlen=args.seqlen,
-        seed=args.seed, true_sequential=args.true_sequential, calib_batch=args.calib_batch))
+        seed=args.seed, true_sequential=args.true_sequential, calib_batch=args.calib_batch,
+        finetune=ft_opts))
     n_layers = len(model.layers)
     # tokens through decoder layers: the rate (tok/s) and the ETA of the whole run
     bar = tqdm(total=n_layers * windows.size, desc=f"{args.method} layer 1/{n_layers}",

@@ -152,3 +152,76 @@ def test_cli_finetune_errors(tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+def _without_seconds(obj):
+    """A JSON value with every "seconds" key left out (wall times differ run to run)."""
+    if isinstance(obj, dict):
+        return {k: _without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_seconds(v) for v in obj]
+    return obj
+
+
+def test_killed_finetune_run_resumes_with_the_same_bytes(tmp_path, monkeypatch, capsys):
+    """`refq quantize --method aqlm --finetune` killed while quantizing layer 2 of 4,
+    restarted: only layers 2-3 are quantized and fine-tuned again, and the output is
+    the uninterrupted run's (model.safetensors byte for byte, config.json but for the
+    wall times): the fine-tuned norms and codebooks of layers 0-1 and their records
+    come from the resume state."""
+    import refq.api
+    import refq.finetune
+    from llama_np import Checkpoint
+    from refq.cli import main
+    from refq.resume import state_dir
+    folder = str(tmp_path / "tiny")
+    write_tiny_checkpoint(folder, layers=4, attention_bias=True)
+    calib = str(tmp_path / "calib.txt")
+    with open(calib, "w") as f:
+        f.write(tiny_text(np.random.default_rng(7).integers(2, 64, size=200)) + "\n")
+    monkeypatch.setenv("REFQ_HOME", str(tmp_path / "home"))
+    real_q, real_ft = refq.api.quantize_weight, refq.finetune.finetune_layer
+    calls, tuned = [], []
+
+    def counting(W, H, method, name="", **kw):
+        calls.append(name)
+        if kill_at and name.startswith(kill_at):
+            raise KeyboardInterrupt                  # the run dies here
+        return real_q(W, H, method, name=name, **kw)
+
+    def finetune_layer(layer, *a, **kw):
+        tuned.append(layer.index)
+        return real_ft(layer, *a, **kw)
+    monkeypatch.setattr(refq.api, "quantize_weight", counting)
+    monkeypatch.setattr(refq.finetune, "finetune_layer", finetune_layer)
+
+    def run(out):
+        calls.clear(), tuned.clear()
+        return main(["quantize", "--model", folder, "--method", "aqlm", "--num-codebooks", "1",
+                     "--nbits-per-codebook", "3", "--in-group-size", "4", "--max-iters", "2",
+                     "--nsamples", "3", "--seqlen", "16", "--calib", calib, "--finetune",
+                     "--finetune-epochs", "3", "--finetune-lr", "1e-2",
+                     "--finetune-tolerance", "0", "--out", str(out)])
+
+    kill_at = None
+    assert run(tmp_path / "whole") == 0 and tuned == [0, 1, 2, 3]
+    out = tmp_path / "resumed"
+    kill_at = "model.layers.2."
+    assert run(out) == 130 and not out.exists() and tuned == [0, 1]
+    kill_at = None
+    assert run(out) == 0
+    assert tuned == [2, 3] and {c.split(".")[2] for c in calls} == {"2", "3"}
+    assert not os.path.exists(state_dir(out))
+    capsys.readouterr()
+    whole, resumed = Checkpoint(str(tmp_path / "whole")), Checkpoint(str(out))
+    orig = Checkpoint(folder)
+    for i in (0, 1):       # fine-tuning did change what the state had to keep
+        for n in ("input_layernorm.weight", "self_attn.q_proj.bias"):
+            name = f"model.layers.{i}.{n}"
+            assert not np.array_equal(whole.get(name), orig.get(name)), name
+    for f in sorted(os.listdir(tmp_path / "whole")):
+        if f == "config.json":
+            with open(tmp_path / "whole" / f) as a, open(out / f) as b:
+                assert _without_seconds(json.load(a)) == _without_seconds(json.load(b))
+        else:
+            assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f

@@ -124,6 +124,13 @@ class QuantizedWeight:
         from refq.kernels import matmul
         return matmul(self, x, kernel or self.kernel)
 
+    def prefill_weight(self):
+        """The dense W_hat (out, in) float32 that many-token products multiply by
+        (llama_np.batched: a layer's products over many windows), decoded once;
+        or self where the kernel is a GPU one (refq.kernels.prefill_weight)."""
+        from refq.kernels import prefill_weight
+        return prefill_weight(self, self.kernel)
+
     def __repr__(self):
         return (f"{type(self).__name__}(method={self.method!r}, shape={self.shape}, "
                 f"bits_per_weight={self.bits_per_weight:.4f})")

@@ -132,6 +132,43 @@ def blas_matmul(q, x2, rows_fn):
     return np.ascontiguousarray(yT.T)
 
 
+def prefill_weight(q, kernel="cpu"):
+    """What a many-token product of q multiplies by (llama_np.batched, e.g. the
+    windows of a perplexity run): the dense W_hat (out, in) float32, decoded once
+    for all the products of a layer rather than tile by tile in each:
+
+        "cpu", "cpu-int"  the format's row decoder ("dequant_rows": the values the
+                          large-batch BLAS path of matmul multiplies by), else
+                          dequantize();
+        "dequant"         dequantize(), kept on q (as dequant_matmul);
+        "gpu"             q itself: its products stay on the GPU (q.matmul).
+
+    The row decoder runs on the calling thread only (numba single-threaded):
+    perplexity decodes a layer's linears on its worker threads, one linear per
+    worker (measured on 2 loaded cores: 53 ms a SmolLM2 w3 layer on one numba
+    thread, 200 ms on two, whose parallel regions wait for each other).
+    """
+    if kernel not in KERNELS:
+        raise RefqError(f"kernel {kernel!r}: must be one of {', '.join(KERNELS)}")
+    if kernel == "gpu":
+        return q
+    if kernel == "dequant":
+        if q._dense is None:
+            q._dense = np.ascontiguousarray(q.dequantize(), dtype=np.float32)
+        return q._dense
+    import numba
+    _load_backend("cpu")
+    rows_fn = _REGISTRY["dequant_rows"].get(q.FORMAT)
+    if rows_fn is None:
+        return np.ascontiguousarray(q.dequantize(), dtype=np.float32)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)                # (a setting of the calling thread only)
+    try:
+        return np.ascontiguousarray(rows_fn(q, 0, q.shape[0]), dtype=np.float32)
+    finally:
+        numba.set_num_threads(before)
+
+
 def matmul(q, x, kernel="cpu"):
     """x (..., in) -> x @ q.dequantize().T  (..., out) float32, by `kernel`."""
     if kernel not in KERNELS:
