@@ -8,7 +8,6 @@ llama-quantize's Q4_0 blocks against gguf-py's port of ggml's
 quantize_row_q4_0_ref.
 """
 import json
-import os
 
 import numpy as np
 import pytest
