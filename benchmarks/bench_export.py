@@ -1,8 +1,8 @@
 """Interop on SmolLM2-135M: export time and size per format, exact round trips,
-and llama.cpp's perplexity next to `refq eval --protocol llama.cpp` (BENCHMARKS.md, "Interop").
+and `refq eval --protocol llama.cpp` (BENCHMARKS.md, "Interop"). llama.cpp's own
+perplexity of the exports: benchmarks/bench_llamacpp.py.
 
     python benchmarks/bench_export.py --ckpt CKPT [--label "gptq w4 g32 sym"] [--work DIR]
-                                      [--llamacpp-python /tmp/llamacpp-venv/bin/python]
 
 CKPT: a refq checkpoint of SmolLM2 made with
 `refq quantize --method gptq --bits 4 --group-size 32 --sym --out CKPT`.
@@ -86,7 +86,6 @@ def main():
     ap.add_argument("--label", default="gptq w4 g32 sym")
     ap.add_argument("--work", default="/tmp/refq-bench-export")
     ap.add_argument("--text", default=os.path.join(REPO, "data", "eval.txt"))
-    ap.add_argument("--llamacpp-python", default=None)
     ap.add_argument("--skip-refq-eval", action="store_true")
     args = ap.parse_args()
     model = resolve_model(None)
@@ -113,21 +112,6 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"export": rows, "load": os.getloadavg()}
-    gguf_q = rows[1]["out"] + "/model.gguf"
-    gguf_f32 = rows[3]["out"] + "/model.gguf"
-    if args.llamacpp_python:
-        bench = os.path.join(REPO, "benchmarks", "bench_llamacpp.py")
-        ll_q4 = os.path.join(args.work, "llama-quantize-q4_0.gguf")
-        q = subprocess.run([args.llamacpp_python, bench, "quantize", gguf_f32, ll_q4],
-                           capture_output=True, text=True)
-        print(q.stdout, q.stderr[-2000:], file=sys.stderr)
-        p = subprocess.run([args.llamacpp_python, bench, "ppl", gguf_q, ll_q4, gguf_f32,
-                            "--text", args.text], capture_output=True, text=True)
-        if p.returncode:
-            print(p.stderr[-3000:], file=sys.stderr)
-        result["llamacpp"] = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
-        for r in result["llamacpp"]:
-            print(json.dumps(r), flush=True)
     if not args.skip_refq_eval:
         r, secs = refq_cli("eval", "--model", args.ckpt, "--reference", model, "--text", args.text,
                            "--protocol", "llama.cpp", "--json")

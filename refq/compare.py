@@ -9,10 +9,17 @@ A SPEC is a method and, optionally, its options:
     gptq                                  the method's defaults
     gptq:bits=3,group_size=128,act_order=true
     claq:bits=2.2,outlier_reservation=true
+    ckpt:PATH                             an existing checkpoint, not quantized again
 
 Option names are those of `refq quantize` (underscores or dashes); values are
 read as `refq quantize` reads its flags (`refq quantize --method M --help`):
-numbers, true/false, none, or words. For each SPEC, in order, compare runs
+numbers, true/false, none, or words. `ckpt:PATH` is a quantized checkpoint
+that `refq eval` reads: refq's own, or a GPTQ / AQLM Hugging Face checkpoint
+made by another tool (refq/interop/foreign.py); it must be of the same model
+(same shapes, same tokens for every text). Its row is evaluated only; its bits
+per weight are `refq info`'s, and it has no quantize time or memory. For each
+other SPEC, in order, compare runs
+
 
     refq quantize --method M --options JSON --calib ... --out DIR/<spec>/checkpoint --json
     refq eval --model DIR/<spec>/checkpoint --text T --json      (for each --text)
@@ -62,6 +69,7 @@ DEFAULT_SPECS = [
     "wanda",
 ]
 BASELINE = "unquantized"
+CKPT = "ckpt"          # spec kind ckpt:PATH, an existing checkpoint
 RESULT = "result.json"
 
 
@@ -80,6 +88,10 @@ def parse_spec(spec):
     from refq.methods import METHODS
     from refq.options import Invalid
     method, _, rest = spec.partition(":")
+    if method == CKPT:                          # ckpt:PATH, checked by check_checkpoint
+        if not rest.strip():
+            raise RefqError(f"--methods {spec}: give the checkpoint's folder, ckpt:PATH")
+        return CKPT, {"path": os.path.abspath(rest)}
     if method not in METHODS:
         raise RefqError(f"--methods {spec}: unknown method {method!r} (known: {', '.join(METHODS)})")
     table = METHODS[method].table
@@ -204,13 +216,59 @@ def _eval_texts(model, texts, have, max_tokens, ctx, quiet=False):
     return ppl, None
 
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads")
+
+
+def check_checkpoint(spec, path, model, texts, max_tokens):
+    """Refuse, before any work, a ckpt:PATH that is not a quantized checkpoint of
+    `model`: refq must read it, its shapes must be the model's, and its tokenizer must
+    give the same tokens for every text (else the perplexities would not compare)."""
+    from llama_np import LlamaConfig, Tokenizer
+    from refq.loading import is_packed
+    if not os.path.isdir(path):
+        raise RefqError(f"--methods {spec}: no such folder {path}")
+    if not is_packed(path):
+        raise RefqError(f"--methods {spec}: {path} is not a quantized checkpoint refq reads "
+                        "(refq's own, GPTQ or AQLM); an unquantized model is the baseline row")
+    try:
+        a, b = LlamaConfig.load(model), LlamaConfig.load(path)
+        tok = Tokenizer(path)
+    except RefqError as e:
+        raise RefqError(f"--methods {spec}: {e}") from None
+    for k in SHAPE_KEYS:
+        if getattr(a, k) != getattr(b, k):
+            raise RefqError(f"--methods {spec}: {k} {getattr(b, k)} differs from the model's "
+                            f"{getattr(a, k)}: a checkpoint of another model")
+    model_tok = Tokenizer(model)
+    for name, text in texts:
+        with open(text, encoding="utf-8") as f:
+            t = f.read()
+        if tok.encode(t)[:max_tokens] != model_tok.encode(t)[:max_tokens]:
+            raise RefqError(f"--methods {spec}: its tokenizer encodes {name} differently "
+                            "from the model's")
+
+
+def _fingerprint(folder):
+    """{file: [size, mtime_ns]} of a folder: a checkpoint changed since its row was made."""
+    return {f: [os.path.getsize(os.path.join(folder, f)),
+                os.stat(os.path.join(folder, f)).st_mtime_ns]
+            for f in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, f))}
+
+
 def run_spec(spec, method, opts, settings, texts, out_dir, log=_log, quiet=False):
     """Quantize + evaluate one spec (or reuse its result.json); -> result dict.
     quiet: the children's messages are kept (see _run_child), not shown."""
     d = os.path.join(out_dir, spec_dir(spec))
     res_path = os.path.join(d, RESULT)
-    ckpt = os.path.join(d, "checkpoint")
+    ckpt = opts["path"] if method == CKPT else os.path.join(d, "checkpoint")
     model = settings["model"] if method == BASELINE else ckpt       # what gets evaluated
+    if os.path.exists(res_path) and method == CKPT:
+        with open(res_path) as f:
+            prev = json.load(f)
+        if prev.get("checkpoint_files") != _fingerprint(ckpt):
+            log(f"compare: {spec}: the checkpoint changed since its row was made; evaluating again")
+            os.remove(res_path)
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
@@ -239,6 +297,15 @@ def run_spec(spec, method, opts, settings, texts, out_dir, log=_log, quiet=False
     if method == BASELINE:
         res.update(options={}, bits_per_weight=32.0, quantize_seconds=0.0, peak_rss_mib=None,
                    packed_bytes=_folder_bytes(model))
+    elif method == CKPT:                    # evaluated only; its bits as `refq info` counts them
+        rc, out, _, why = _run_child(["info", ckpt, "--json"], quiet)
+        if rc != 0:
+            return dict(res, error=f"refq info exited with {rc} {why}".strip())
+        info = _last_json(out)
+        res.update(options={}, checkpoint=ckpt, checkpoint_method=info["method"],
+                   checkpoint_options=info["options"], bits_per_weight=info["bits_per_weight"],
+                   quantize_seconds=None, peak_rss_mib=None, packed_bytes=_folder_bytes(ckpt),
+                   checkpoint_files=_fingerprint(ckpt))
     else:
         args = ["quantize", "--method", method, *options_arg(opts),
                 "--model", settings["model"], "--calib", settings["calib"],
@@ -331,15 +398,17 @@ def markdown(rows, texts, settings):
         opts = {k: v for k, v in (r.get("options") or {}).items()
                 if k not in defaults or defaults[k] != v}
         shown = ("-" if r["method"] == BASELINE else
+                 f"checkpoint: {r.get('checkpoint_method')}" if r["method"] == CKPT else
                  ", ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "defaults")
         if r.get("error"):
             lines.append(f"| {r['spec']} | {shown} | failed: {r['error']} |")
             continue
         rss = "-" if r.get("peak_rss_mib") is None else f"{r['peak_rss_mib']:.0f}"
+        secs = "-" if r.get("quantize_seconds") is None else f"{r['quantize_seconds']:.0f}"
         lines.append(
             f"| {r['spec']} | {shown} | {r['bits_per_weight']:.4f} | "
             + " | ".join(f"{r['ppl'][n]:.3f}" if n in r["ppl"] else "-" for n in names)
-            + f" | {r['quantize_seconds']:.0f} | {rss} | {r['packed_bytes'] / 2**20:.2f} | "
+            + f" | {secs} | {rss} | {r['packed_bytes'] / 2**20:.2f} | "
             + ("*" if r["spec"] in front else "") + " |")
     return "\n".join(lines) + "\n"
 
@@ -386,7 +455,8 @@ def add_commands(sub):
                        "bits, perplexity, time, memory and size")
     s.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
     s.add_argument("--methods", nargs="+", metavar="SPEC", default=None,
-                   help="METHOD[:option=value,...] each (default: "
+                   help="METHOD[:option=value,...] or ckpt:PATH (an existing checkpoint: "
+                   "refq's, GPTQ or AQLM) each (default: "
                    + " ".join(DEFAULT_SPECS) + "; aqlm only when named: ~37 min on SmolLM2 with 2 cores)")
     s.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text (default: data/calib.txt)")
     s.add_argument("--text", nargs="+", default=[DEFAULT_EVAL],
@@ -447,8 +517,12 @@ def cmd_compare(args):
         if n < 2:
             raise RefqError(f"--text {t}: has {n} token(s); perplexity needs at least 2")
     from refq.outdir import check_output      # not /, ~, ., an input; creatable
+    for s, method, opts in parsed:
+        if method == CKPT:
+            check_checkpoint(s, opts["path"], model, texts, args.eval_max_tokens)
     check_output(args.out, args.force, None, None, reuse=True, log=_log,
-                 inputs=[model, args.calib] + list(args.text))
+                 inputs=[model, args.calib] + list(args.text)
+                 + [o["path"] for _, m, o in parsed if m == CKPT])
 
     settings = {"model": os.path.abspath(model), "model_name": os.path.basename(os.path.normpath(model)),
                 "calib": os.path.abspath(args.calib), "calib_sha256": _sha256_file(args.calib),

@@ -343,18 +343,27 @@ def _quantize(args, folder, opts, full_opts, ft_opts, client):
 def summarize(folder):
     """Method, options, bits per weight (with breakdown) and sizes of a packed checkpoint."""
     from refq.checkpoint import load_packed
+    from refq.interop.foreign import foreign_method
     cfg, ckpt, qc, qws = load_packed(folder)
     n = sum(q.shape[0] * q.shape[1] for q in qws.values())
-    breakdown = {}
-    for q in qws.values():
-        for k, v in q.bits_breakdown.items():
-            breakdown[k] = breakdown.get(k, 0.0) + v * q.shape[0] * q.shape[1] / n
     qnames = {k for k in ckpt.names() if any(k.startswith(p + ".") for p in qws)}
     qbytes = sum(ckpt.raw(k).nbytes for k in qnames)
+    breakdown = {}
+    if foreign_method(folder):
+        # A GPTQ / AQLM checkpoint of another tool: the total counts its tensors as
+        # stored (qweight, qzeros, scales, g_idx / codes, codebooks, scales), so the
+        # breakdown does too, by tensor kind (not refq's re-encoding of the same weights).
+        for k in sorted(qnames):
+            kind = k.rsplit(".", 1)[1]
+            breakdown[kind] = breakdown.get(kind, 0.0) + 8 * ckpt.raw(k).nbytes / n
+    else:
+        for q in qws.values():
+            for k, v in q.bits_breakdown.items():
+                breakdown[k] = breakdown.get(k, 0.0) + v * q.shape[0] * q.shape[1] / n
     other = sum(ckpt.raw(k).nbytes for k in ckpt.names() if k not in qnames)
     files = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     return {"path": folder, "method": qc.get("method"), "options": qc.get("options"),
-            "format_version": qc.get("format_version"),
+            "format_version": qc.get("format_version"), "foreign": foreign_method(folder),
             "quantized_linears": len(qws), "quantized_weights": n,
             "bits_per_weight": 8 * qbytes / n if n else 0.0, "bits_breakdown": breakdown,
             "quantized_bytes": qbytes, "unquantized_bytes": other, "folder_bytes": files,
@@ -369,7 +378,10 @@ def cmd_info(args):
         print(json.dumps(s))
         return 0
     out = sys.stdout
-    print(f"{s['path']}: refq packed checkpoint (format version {s['format_version']})", file=out)
+    what = (f"{s['foreign'].upper()} checkpoint of another tool, read by refq "
+            f"(checkpoint_format {s['format_version']})" if s.get("foreign") else
+            f"refq packed checkpoint (format version {s['format_version']})")
+    print(f"{s['path']}: {what}", file=out)
     print(f"  method           {s['method']}", file=out)
     print(f"  options          {json.dumps(s['options'])}", file=out)
     print(f"  quantized        {s['quantized_linears']} linears, {s['quantized_weights']:,} weights",

@@ -181,3 +181,76 @@ def test_pareto_front_by_hand():
             {"spec": BASELINE, "method": BASELINE, "bits_per_weight": 32.0, "ppl": {"t": 1.0}},
             dict(row("g", 1.0, 1.0), error="failed")]
     assert pareto(rows, "t") == {"a", "b", "e"}
+
+
+# --------------------------------------------------------------------------- ckpt:PATH rows
+@pytest.fixture(scope="module")
+def wide(tiny):
+    """A model whose widths are multiples of 32 (so refq exports it as GPTQ), with
+    an RTN w4 g32 checkpoint of refq's and its GPTQ (Hugging Face layout) export:
+    a checkpoint as another tool writes it."""
+    d = tiny / "wide"
+    write_tiny_checkpoint(str(d / "model"), hidden=64, heads=4, kv_heads=2, ff=64, seed=1)
+    r = run_cli("quantize", "--model", d / "model", "--method", "rtn", "--bits", 4,
+                "--group-size", 32, "--sym", "--calib", tiny / "calib.txt", "--nsamples", 4,
+                "--seqlen", 16, "--out", d / "refq")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", d / "refq", "--to", "gptq", "--out", d / "gptq")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def test_ckpt_rows_are_evaluated_not_quantized(tiny, wide):
+    from safetensors.numpy import load_file
+
+    from llama_np import Tokenizer, perplexity
+    from refq.loading import load_for_inference
+    out = wide / "out"
+    specs = [f"ckpt:{wide / 'gptq'}", f"ckpt:{wide / 'refq'}", "rtn:bits=4,group_size=32,sym=true"]
+    args = ["compare", "--model", wide / "model", "--calib", tiny / "calib.txt", "--nsamples", 4,
+            "--seqlen", 16, "--ctx", 16, "--out", out, "--text", tiny / "a.txt"]
+    r = run_cli(*args, "--methods", *specs, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {x["spec"]: x for x in json.loads(r.stdout)["rows"]}
+    ids = Tokenizer(str(wide / "model")).encode((tiny / "a.txt").read_text())
+    for spec in specs[:2]:
+        row, folder = rows[spec], spec[len("ckpt:"):]
+        model, _, _ = load_for_inference(folder, kernel="dequant")
+        assert row["ppl"]["a.txt"] == pytest.approx(perplexity(model, ids, 16)[0], rel=1e-6)
+        assert row["quantize_seconds"] is None and row["peak_rss_mib"] is None
+        assert row["packed_bytes"] == sum(os.path.getsize(os.path.join(folder, f))
+                                          for f in os.listdir(folder))
+        assert row["checkpoint"] == folder
+    # bits per weight of the GPTQ row: every stored byte of its 14 quantized linears
+    t = load_file(str(wide / "gptq" / "model.safetensors"))
+    qbytes = sum(a.nbytes for k, a in t.items() if k.rsplit(".", 1)[1] in
+                 ("qweight", "qzeros", "scales", "g_idx"))
+    n = 2 * (5 * 64 * 64 + 2 * 32 * 64)                  # q, o, gate, up, down; k, v
+    assert rows[specs[0]]["bits_per_weight"] == pytest.approx(8 * qbytes / n, rel=1e-12)
+    assert rows[specs[0]]["checkpoint_method"].startswith("gptq")
+    # the export is exact and rtn is deterministic: the three rows score the same
+    assert rows[specs[0]]["ppl"] == rows[specs[1]]["ppl"] == rows[specs[2]]["ppl"]
+    assert not os.path.exists(out / spec_dir(specs[0]) / "checkpoint")    # not copied
+    md = (out / "compare.md").read_text()
+    assert "checkpoint: gptq" in md and " | - | - | " in md
+    # resumed: reused; a checkpoint that changed since is evaluated again
+    r = run_cli(*args, "--methods", *specs)
+    assert r.returncode == 0 and r.stderr.count("done before, reused") == 4, r.stderr
+    os.utime(wide / "gptq" / "config.json", ns=(1, 1))
+    r = run_cli(*args, "--methods", *specs)
+    assert r.returncode == 0 and r.stderr.count("done before, reused") == 3, r.stderr
+    assert r.stderr.count("changed since") == 1
+
+
+def test_bad_ckpt_specs_are_one_line_errors_before_any_work(tiny, wide, tmp_path):
+    out = tmp_path / "out"
+    common_wide = ["compare", "--model", wide / "model", "--calib", tiny / "calib.txt",
+                   "--text", tiny / "a.txt", "--out", out, "--methods"]
+    for spec, names in [("ckpt:", ["ckpt:", "PATH"]),
+                        (f"ckpt:{tmp_path / 'none'}", ["none", "no such folder"]),
+                        (f"ckpt:{wide / 'model'}", ["model", "not a quantized checkpoint"])]:
+        r = run_cli(*common_wide, spec)
+        assert_one_line_error(r.returncode, r.stdout, r.stderr, *names)
+    r = run_cli(*common(tiny, out), "--text", tiny / "a.txt", "--methods", f"ckpt:{wide / 'gptq'}")
+    assert_one_line_error(r.returncode, r.stdout, r.stderr, "hidden_size 64", "another model")
+    assert not out.exists()

@@ -560,3 +560,41 @@ def test_gguf_back_through_gguf_import(tiny, tmp_path):
     cfg = json.load(open(os.path.join(tiny, "config.json")))
     for k in ("hidden_size", "num_key_value_heads", "rope_theta", "rms_norm_eps", "vocab_size"):
         assert cfg_back[k] == cfg[k], k
+
+
+def test_info_on_foreign_gptq_counts_what_is_stored(tmp_path):
+    """`refq info` on a GPTQ checkpoint of another tool: the total and its breakdown are
+    the stored tensors' bits, summed here from the safetensors file and in closed form
+    (4-bit codes: 4 bits; fp16 scales per group of 32: 16/32; zeros: 4/32; g_idx: 32/out)."""
+    from safetensors.numpy import load_file
+    rng = np.random.default_rng(5)
+    b, g = 4, 32
+
+    def fields(name, out, n):
+        G = n // g
+        return {name + ".qweight": codes_to_words(rng.integers(0, 16, (out, n)), b).T.copy(),
+                name + ".qzeros": codes_to_words(np.full((G, out), 7), b),
+                name + ".scales": rng.uniform(0.01, 0.1, (G, out)).astype(np.float16),
+                name + ".g_idx": (np.arange(n) // g).astype(np.int32)}
+
+    folder = foreign_model(tmp_path, fields, {
+        "quant_method": "gptq", "bits": b, "group_size": g, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq"})
+    rc, out, err = run_cli("info", folder, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    t = load_file(os.path.join(folder, "model.safetensors"))
+    shapes = {k[:-len(".g_idx")]: (t[k[:-len(".g_idx")] + ".scales"].shape[1], len(t[k]))
+              for k in t if k.endswith(".g_idx")}                     # name -> (out, in)
+    n = sum(o * i for o, i in shapes.values())
+    assert info["quantized_linears"] == len(shapes) == 14 and info["quantized_weights"] == n
+    stored = {kind: 8 * sum(a.nbytes for k, a in t.items() if k.endswith("." + kind)) / n
+              for kind in ("qweight", "qzeros", "scales", "g_idx")}
+    assert info["bits_breakdown"] == pytest.approx(stored, rel=1e-12)
+    assert info["bits_per_weight"] == pytest.approx(sum(stored.values()), rel=1e-12)
+    assert sum(info["bits_breakdown"].values()) == pytest.approx(info["bits_per_weight"], rel=1e-12)
+    g_idx_bits = sum(32 * i for o, i in shapes.values()) / n
+    assert stored == pytest.approx({"qweight": b, "qzeros": b / g, "scales": 16 / g,
+                                    "g_idx": g_idx_bits}, rel=1e-12)
+    rc, text, err = run_cli("info", folder)
+    assert rc == 0 and "GPTQ checkpoint of another tool" in text.splitlines()[0], (text, err)

@@ -1,0 +1,86 @@
+"""Run llama.cpp's own tools (llama-perplexity, llama-quantize) on refq's GGUF exports.
+
+Not a refq dependency: used by benchmarks/bench_llamacpp.py and by the optional
+tests (tests/test_llamacpp.py), which skip when the binaries are absent. The
+binaries are looked up in `LLAMA_CPP_DIR` (a folder holding llama-perplexity
+and llama-quantize, e.g. a llama.cpp build's build/bin), then on PATH.
+
+    perplexity(bins, "model.gguf", "data/eval.txt", ctx=512)
+        -> {"ppl": 35.30, "ppl_err": 0.8, "chunks": 32, "ctx": 512, "build": "...", ...}
+    quantize(bins, "f32.gguf", "q4_0.gguf", "q4_0")
+
+llama-perplexity's protocol (tools/perplexity/perplexity.cpp, perplexity()):
+the text tokenized with the vocabulary's BOS, len // ctx chunks of ctx tokens
+(the rest dropped), each chunk's first token replaced by BOS when the vocabulary
+adds one, only positions ctx/2 .. ctx-2 of a chunk scored; ppl = exp(mean NLL).
+`refq eval --protocol llama.cpp` implements the same (refq/interop/evaluate.py).
+"""
+import os
+import re
+import shutil
+import subprocess
+
+from refq.errors import RefqError
+
+TOOLS = ("llama-perplexity", "llama-quantize")
+ENV = "LLAMA_CPP_DIR"
+
+
+def find_binaries(folder=None):
+    """{tool: path} for llama-perplexity and llama-quantize, or None if either is
+    missing. folder: where to look first (default: $LLAMA_CPP_DIR), then PATH."""
+    folder = folder or os.environ.get(ENV)
+    found = {}
+    for tool in TOOLS:
+        path = os.path.join(folder, tool) if folder else None
+        if not (path and os.path.isfile(path) and os.access(path, os.X_OK)):
+            path = shutil.which(tool)
+        if not path:
+            return None
+        found[tool] = path
+    return found
+
+
+def _run(args, timeout):
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RefqError(f"{os.path.basename(args[0])}: no answer within {timeout} s") from None
+    if p.returncode != 0:
+        tail = " | ".join(p.stderr.strip().splitlines()[-3:])
+        raise RefqError(f"{os.path.basename(args[0])} exited with {p.returncode}: {tail}")
+    return p.stdout + p.stderr
+
+
+def build_info(log):
+    """llama.cpp's own 'build: N (commit) with COMPILER for TARGET' line of a tool's log."""
+    m = re.search(r"^build: (.*)$", log, re.M)
+    return m.group(1).strip() if m else None
+
+
+def perplexity(bins, model, text, ctx=512, threads=1, timeout=3600):
+    """llama-perplexity -m MODEL -f TEXT -c CTX -b CTX -t THREADS -> its numbers.
+
+    -b CTX: one chunk per batch (the same result as any batch size; less memory)."""
+    log = _run([bins["llama-perplexity"], "-m", model, "-f", text, "-c", str(ctx),
+                "-b", str(ctx), "-t", str(threads), "--no-warmup"], timeout)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    if not m:
+        raise RefqError(f"llama-perplexity on {model}: no 'Final estimate' line in its output")
+    chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
+    return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)),
+            "chunks": int(chunks.group(1)) if chunks else None,
+            "scored_tokens": int(chunks.group(1)) * (ctx - ctx // 2 - 1) if chunks else None,
+            "ctx": ctx, "threads": threads, "build": build_info(log), "model": model}
+
+
+def quantize(bins, src, dst, kind="q4_0", threads=1, timeout=3600):
+    """llama-quantize --pure SRC DST KIND, the token embedding (= the tied output) kept
+    in F32 as in refq's GGUF export, so that only the linears differ. --pure: every
+    other 2-D tensor gets KIND (no k-quant mixture rules). -> {"build", "seconds"...}."""
+    import time
+    t0 = time.perf_counter()
+    log = _run([bins["llama-quantize"], "--pure", "--token-embedding-type", "f32",
+                "--output-tensor-type", "f32", src, dst, kind, str(threads)], timeout)
+    return {"from": src, "to": dst, "type": kind, "build": build_info(log),
+            "seconds": round(time.perf_counter() - t0, 2)}
