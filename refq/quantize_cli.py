@@ -73,7 +73,7 @@ def add_commands(sub):
                         "(default: 2048 tokens' worth); more is faster and takes more memory, "
                         "and changes H in its float32 rounding")
     from refq.finetune import add_flags
-    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm)
+    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm, slim)
     s.add_argument("--eval", action="store_true", help="perplexity before and after")
     s.add_argument("--eval-text", default=DEFAULT_EVAL)
     s.add_argument("--eval-max-tokens", type=int, default=None)
@@ -359,7 +359,7 @@ def cmd_info(args):
     print(f"  sizes            quantized tensors {mib(s['quantized_bytes'])}, "
           f"unquantized tensors {mib(s['unquantized_bytes'])}, folder {mib(s['folder_bytes'])}",
           file=out)
-    if "finetune" in s:                            # AQLM block fine-tuning's record
+    if "finetune" in s:                            # AQLM / SLiM block fine-tuning's record
         ft = s["finetune"]
         print(f"  fine-tuning      {len(ft['layers'])} layers in {ft['seconds']:.1f} s, "
               f"options {json.dumps(ft['options'])}", file=out)
