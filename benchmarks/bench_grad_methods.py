@@ -37,6 +37,8 @@ VARIANTS = {
     "slim-finetune": ("slim", dict(), {}),                         # official lr 5e-5
     "slim-finetune-lr1e-4": ("slim", dict(), {"lr": 1e-4}),
     "slim-finetune-lr1e-3": ("slim", dict(), {"lr": 1e-3}),
+    "slim-a4": ("slim", dict(adapter_bits=4), None),              # 4-bit adapters, groups of 128
+    "slim-a4-finetune-lr1e-3": ("slim", dict(adapter_bits=4), {"lr": 1e-3}),
 }
 
 

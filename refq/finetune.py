@@ -155,7 +155,7 @@ def train_block(block, xs, targets, pos, o, name="layer"):
                 loss = block.mse(block.stored(th), xs, targets, pos)
                 history.append(loss)
                 if not loss <= DIVERGED * history[0]:               # NaN included
-                    diverged = f"epoch {epochs}: MSE {loss:.4g}, over {DIVERGED:g} x the layer's"
+                    diverged = f"epoch {epochs}: MSE {loss:.4g} > {DIVERGED:g} x {history[0]:.4g} before"
             if diverged is not None:
                 warnings.warn(f"{name}: fine-tuning diverged at lr {o['lr']:g} ({diverged}); "
                               f"kept epoch {best_epoch} (mse {best:.4g})")
