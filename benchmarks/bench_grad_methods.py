@@ -2,6 +2,8 @@
 
   squeezellm --bits 3|4 --sensitivity hessian_diag|fisher
   aqlm 2x8 g8 with and without --finetune
+  slim (its defaults: 4-bit 2:4 wanda, rank 0.1 min(out, in), fp16 adapters) with and
+  without --finetune (adapter fine-tuning), at several learning rates
 
 Only the first --layers decoder layers are quantized (the rest stay dense), with
 --nsamples windows of --seqlen tokens of data/calib.txt (seed 0), through the same
@@ -31,6 +33,12 @@ VARIANTS = {
     "aqlm-2x8g8": ("aqlm", dict(), None),
     "aqlm-2x8g8-finetune": ("aqlm", dict(), {}),                  # official lr 1e-5
     "aqlm-2x8g8-finetune-lr1e-4": ("aqlm", dict(), {"lr": 1e-4}),
+    "slim": ("slim", dict(), None),                                # 4-bit 2:4 wanda, fp16 adapters
+    "slim-finetune": ("slim", dict(), {}),                         # official lr 5e-5
+    "slim-finetune-lr1e-4": ("slim", dict(), {"lr": 1e-4}),
+    "slim-finetune-lr1e-3": ("slim", dict(), {"lr": 1e-3}),
+    "slim-a4": ("slim", dict(adapter_bits=4), None),              # 4-bit adapters, groups of 128
+    "slim-a4-finetune-lr1e-3": ("slim", dict(adapter_bits=4), {"lr": 1e-3}),
 }
 
 
@@ -39,7 +47,7 @@ def main():
     from refq.api import quantize_weight, validate_options
     from refq.calibrate import calibration_windows, quantize_layers
     from refq.fetch import ensure_default_model
-    from refq.finetune import DEFAULTS as FT, make_layer_hook
+    from refq.finetune import BLOCKS, make_layer_hook
     from refq.fisher import fisher_context
 
     ap = argparse.ArgumentParser()
@@ -47,7 +55,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--finetune-epochs", type=int, default=FT["epochs"])
+    ap.add_argument("--finetune-epochs", type=int, default=None, help="default: the method's")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     a = ap.parse_args()
     folder = ensure_default_model(progress=False)
@@ -67,7 +75,9 @@ def main():
             qs[n] = quantize_weight(W, H, method, name=n, **opts)
             return qs[n]
         record = []
-        hook = None if ft is None else make_layer_hook(dict(FT, epochs=a.finetune_epochs, **ft), record)
+        if ft is not None and a.finetune_epochs is not None:
+            ft = dict(ft, epochs=a.finetune_epochs)
+        hook = None if ft is None else make_layer_hook(dict(BLOCKS[method].DEFAULTS, **ft), record)
         tick = time.perf_counter()
         with fisher_context(model, windows, full) as info:           # Fisher on the whole model
             all_layers = model.layers

@@ -365,14 +365,20 @@ def row_lut_field_grads(q, dW):
     return {"lut": dlut.astype(dW.dtype)}
 
 
+def lowrank_grads(L, R, dW):
+    """Ŵ = W_c + L R:  dL = dŴ Rᵀ (out, r),  dR = Lᵀ dŴ (r, in)  (W_c fixed)."""
+    return dW @ R.T, L.T @ dW
+
+
 def slim_field_grads(q, dW):
-    """Ŵ = W_c + L R (float16 adapters):  dL = dŴ Rᵀ,  dR = Lᵀ dŴ  (W_c: not given).
+    """Ŵ = W_c + L R (float16 adapters): see lowrank_grads  (W_c: not given).
 
     None (no rule) when the adapters are absent or stored quantized."""
     if not q.rank or q.adapter_bits is not None:
         return None
     L, R = (a.astype(dW.dtype) for a in q.adapters())              # (out, r), (r, in)
-    return {"lora_L": dW @ R.T, "lora_R": L.T @ dW}
+    dL, dR = lowrank_grads(L, R, dW)
+    return {"lora_L": dL, "lora_R": dR}
 
 
 # format name -> fn(quantized weight, dloss/dŴ (out, in)) -> {stored field: gradient}, or

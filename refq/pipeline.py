@@ -16,7 +16,7 @@ returns what a packed checkpoint needs.  Around it, the parts of the paper
 recipes that are not one linear at a time:
   - SqueezeLLM's Fisher sensitivity (options["sensitivity"] == "fisher"):
     computed once on the unquantized model first (refq.fisher);
-  - AQLM's block fine-tuning (finetune=options of refq.finetune): each decoder
+  - AQLM's / SLiM's block fine-tuning (finetune=options of refq.finetune): each decoder
     layer tuned after its linears are quantized, before it feeds the next;
   - resume (a refq.resume.ResumeState): finished decoder layers are saved and,
     on a restart with the same fingerprint, restored instead of recomputed;
@@ -96,7 +96,7 @@ def quantize_model(model, method, options, windows, *, true_sequential=False,
     windows (n, T) int: calibration token windows (refq.calibrate.calibration_windows).
     true_sequential, calib_batch, threads: refq.calibrate.quantize_layers's (none of
         them but calib_batch changes a result, and that only in H's float32 rounding).
-    finetune: AQLM block fine-tuning options (refq.finetune), or None.
+    finetune: AQLM / SLiM block fine-tuning options (refq.finetune), or None.
     resume: a refq.resume.ResumeState, or None.  With finetune, each layer's state
         holds its fine-tuned parameters and fine-tuning record.
     progress(tokens), on_layer(i, seconds): the calibration's progress; log(text): the

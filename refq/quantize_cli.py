@@ -73,7 +73,7 @@ def add_commands(sub):
                         "(default: 2048 tokens' worth); more is faster and takes more memory, "
                         "and changes H in its float32 rounding")
     from refq.finetune import add_flags
-    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm)
+    add_flags(s)                                   # --finetune, --finetune-epochs, ... (aqlm, slim)
     s.add_argument("--cluster", metavar="ADDRESS|local:N", default=None,
                    help="quantize the linears of each layer as parallel tasks on a Dask cluster: "
                    "local:N starts N worker processes here, ADDRESS is a running scheduler "
@@ -393,7 +393,7 @@ def cmd_info(args):
     print(f"  sizes            quantized tensors {mib(s['quantized_bytes'])}, "
           f"unquantized tensors {mib(s['unquantized_bytes'])}, folder {mib(s['folder_bytes'])}",
           file=out)
-    if "finetune" in s:                            # AQLM block fine-tuning's record
+    if "finetune" in s:                            # AQLM / SLiM block fine-tuning's record
         ft = s["finetune"]
         print(f"  fine-tuning      {len(ft['layers'])} layers in {ft['seconds']:.1f} s, "
               f"options {json.dumps(ft['options'])}", file=out)
