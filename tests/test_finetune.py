@@ -464,6 +464,9 @@ def test_cli_slim_finetune(tmp_path, capsys):
     assert len(warn) == 2 and all("lr 1e+06" in ln for ln in warn)
     assert "model.layers.0" in warn[0] and "model.layers.1" in warn[1]
     assert "diverged" not in errs["ft"]
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ft")]) == 0
+    assert "fine-tuning" in capsys.readouterr().out
     from refq.checkpoint import load_packed_model
     for name in ("ft", "div"):
         model = load_packed_model(str(tmp_path / name))
