@@ -12,7 +12,8 @@ def log_softmax_nll(logits, targets):
 
         −log p(y_t) = logsumexp(z_t) − z_t[y_t],   logsumexp(z) = m + log Σ_v exp(z_v − m)
 
-    with m = max_v z_v; exp in float32, the sum over v in float64.  Computed
+    with m = max_v z_v; exp in the logits' dtype (float32; float64 in the
+    float64 checks), the sum over v in float64.  Computed
     NLL_ROWS rows at a time in one small buffer, so each row is read from
     memory once and z − m, exp and the sum stay in cache (the whole (T, V)
     temporaries were most of its time); the same operations on the same
@@ -20,7 +21,7 @@ def log_softmax_nll(logits, targets):
     """
     T, V = logits.shape
     lse = np.empty(T, np.float64)                                    # (T,)
-    buf = np.empty((min(NLL_ROWS, T), V), np.float32)
+    buf = np.empty((min(NLL_ROWS, T), V), logits.dtype)
     for s in range(0, T, NLL_ROWS):
         e = min(s + NLL_ROWS, T)
         z, b = logits[s:e], buf[:e - s]                              # (r, V)
