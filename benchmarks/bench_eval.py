@@ -34,6 +34,8 @@ with open("data/eval.txt", encoding="utf-8") as f:
     ids = tok.encode(f.read())
 if sys.argv[2] != "all":
     ids = ids[:int(sys.argv[2])]
+if len(sys.argv) > 3:                  # --batch-tokens: windows per product of the new code
+    sys.modules["llama_np.generate"].BATCH_TOKENS = int(sys.argv[3])
 w, c = time.perf_counter(), time.process_time()
 ppl, n, _ = perplexity(model, ids, 512)
 print(json.dumps({"seconds": round(time.perf_counter() - w, 2),
@@ -42,14 +44,15 @@ print(json.dumps({"seconds": round(time.perf_counter() - w, 2),
 """
 
 
-def run_eval(tree, model, tokens):
+def run_eval(tree, model, tokens, batch_tokens=None):
     """`refq eval`'s perplexity (the same calls: load_for_inference, Tokenizer.encode,
     perplexity with ctx 512) in a fresh process on the code of `tree`: wall and CPU
     seconds (all threads) of the perplexity itself."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
     env["PYTHONPATH"] = tree
-    p = subprocess.run([sys.executable, "-c", CHILD, model, str(tokens or "all")], cwd=tree,
+    args = [model, str(tokens or "all")] + ([str(batch_tokens)] if batch_tokens else [])
+    p = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=tree,
                        env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{tree}: eval of {model} failed:\n{p.stderr[-2000:]}")
@@ -65,7 +68,12 @@ def main():
                          "repeatable")
     ap.add_argument("--tokens", type=int, default=None, help="the first N tokens of eval.txt (default: all)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--batch-tokens", default=None,
+                    help="e.g. 512,1024,2048: compare these llama_np.generate.BATCH_TOKENS "
+                         "of this tree instead of two trees")
     a = ap.parse_args()
+    if a.batch_tokens:
+        return compare_batches(a)
     from refq.machine import cpu_model
     trees = {"new": REPO} if a.old is None else {"new": REPO, "old": os.path.abspath(a.old)}
     models = a.model or ["default"]
@@ -90,6 +98,18 @@ def main():
             for k in ("seconds", "cpu_seconds"):
                 row[f"old_over_new_{k}"] = round(best[("old", k)] / best[("new", k)], 2)
         print(json.dumps(row), flush=True)
+
+
+
+def compare_batches(a):
+    """This tree's perplexity with each BATCH_TOKENS of --batch-tokens, alternating."""
+    sizes = [int(v) for v in a.batch_tokens.split(",")]
+    for m in a.model or ["default"]:
+        run_eval(REPO, m, 64)
+        for rep in range(a.reps):
+            for bt in sizes:
+                r = run_eval(REPO, m, a.tokens, bt)
+                print(json.dumps(dict(model=m, batch_tokens=bt, rep=rep, **r)), flush=True)
 
 
 if __name__ == "__main__":

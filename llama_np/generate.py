@@ -76,7 +76,9 @@ def log_softmax(logits):
 
 
 # How perplexity runs many windows (none of it changes a result):
-BATCH_TOKENS = 1024         # tokens per batch of windows (2 of 512): one product per linear
+BATCH_TOKENS = 512          # tokens per batch of windows (one of 512; 4 of 128): one product
+                            # per linear (1024 and 2048: no faster, and 2 windows then ran
+                            # on one worker)
 CHUNK_FLOATS = 1 << 26      # hidden states held at once: chunk tokens x d floats (256 MiB)
 HEAD_FLOATS = 1 << 25       # logits per head product: rows x vocab floats (128 MiB)
 

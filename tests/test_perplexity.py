@@ -6,13 +6,16 @@ numba row decoder), then a float64 log-softmax by hand.  For a dense and a packe
 (GPTQ w3 act-order) model, for each protocol, with the batches, chunks and head
 products cut small so that every boundary is crossed; and the same bytes for any
 number of threads."""
+import json
 import math
+import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import tiny_text, write_tiny_checkpoint
+from conftest import REPO, tiny_text, write_tiny_checkpoint
 from llama_np import load_model, perplexity
 from llama_np.generate import eval_windows
 
@@ -35,7 +38,8 @@ def models(tmp_path_factory):
                  "--seqlen", "32", "--out", str(base / "w3")]) == 0
     return {"dense": (load_model(folder), load_model(folder)),
             "packed": (load_packed_model(str(base / "w3")),
-                       load_packed_model(str(base / "w3"), kernel="dequant"))}
+                       load_packed_model(str(base / "w3"), kernel="dequant")),
+            "folders": {"dense": folder, "packed": str(base / "w3")}, "base": base}
 
 
 def reference_nll(model, ids, ctx, protocol, bos_id=None):
@@ -79,6 +83,24 @@ def test_perplexity_same_bytes_for_any_thread_count(models, kind):
     model, _ = models[kind]
     runs = [perplexity(model, IDS, 64, threads=t) for t in (1, 2, 3)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_refq_eval_same_ppl_with_1_or_2_blas_and_numba_threads(models):
+    """`refq eval --json` of the packed model in subprocesses: OPENBLAS, NUMBA and OMP
+    threads 1 vs 2 (the default worker count follows the BLAS's) print the same ppl."""
+    text = models["base"] / "eval.txt"
+    text.write_text(tiny_text(np.random.default_rng(8).integers(2, 64, size=200)) + "\n")
+    got = []
+    for t in ("1", "2"):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS=t, NUMBA_NUM_THREADS=t, OMP_NUM_THREADS=t,
+                   REFQ_HOME=str(models["base"] / "home"), PYTHONDONTWRITEBYTECODE="1")
+        p = subprocess.run([sys.executable, "-m", "refq.cli", "eval", "--model",
+                            models["folders"]["packed"], "--text", str(text), "--ctx", "32",
+                            "--json"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr
+        got.append(json.loads(p.stdout)["ppl"])
+    assert got[0] == got[1]
 
 
 def test_log_softmax_nll_is_the_float64_formula():
