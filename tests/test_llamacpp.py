@@ -8,6 +8,7 @@ llama-quantize's Q4_0 blocks against gguf-py's port of ggml's
 quantize_row_q4_0_ref.
 """
 import json
+import os
 
 import numpy as np
 import pytest
@@ -33,6 +34,10 @@ def exported(tmp_path_factory):
     model = str(d / "tiny")
     write_tiny_checkpoint(model, vocab=258, hidden=64, heads=4, kv_heads=2, ff=96, layers=2,
                           tokenizer=False, scale=0.1)
+    from safetensors.numpy import load_file, save_file
+    t = load_file(os.path.join(model, "model.safetensors"))
+    t["model.embed_tokens.weight"] *= 0.2      # logits of std ~2 (the tied lm_head), not ~10
+    save_file(t, os.path.join(model, "model.safetensors"), metadata={"format": "pt"})
     write_byte_bpe_tokenizer(model)
     rtn = str(d / "rtn")
     make_ckpt(model, rtn, "rtn", bits=4, group_size=32, sym=True)
@@ -55,11 +60,11 @@ def refq_eval(model, text):
     return json.loads(out)
 
 
-@pytest.mark.parametrize("which,tol", [("f32", 1e-3), ("q4", 1e-2)])
+@pytest.mark.parametrize("which,tol", [("f32", 1e-4), ("q4", 1e-2)])
 def test_llama_perplexity_equals_refq_eval(exported, which, tol):
-    """The same windows and scored tokens, the same perplexity: F32 within 0.1 % (llama.cpp
-    keeps K/V in float16), Q4_0 within 1 % (llama.cpp also rounds the activations to
-    Q8_0 blocks before its Q4_0 dot products)."""
+    """The same windows and scored tokens, the same perplexity: F32 within 0.01 % (measured:
+    2e-8; llama.cpp keeps K/V in float16 and prints 4 decimals), Q4_0 within 1 % (measured:
+    0.15 %; llama.cpp rounds the activations to Q8_0 blocks for its Q4_0 dot products)."""
     ll = llamacpp.perplexity(BINS, exported[which], exported["text"], ctx=CTX, threads=1)
     rq = refq_eval(exported["model" if which == "f32" else "rtn"], exported["text"])
     assert ll["scored_tokens"] == rq["tokens"]

@@ -58,20 +58,39 @@ def build_info(log):
     return m.group(1).strip() if m else None
 
 
-def perplexity(bins, model, text, ctx=512, threads=1, timeout=3600):
-    """llama-perplexity -m MODEL -f TEXT -c CTX -b CTX -t THREADS -> its numbers.
+def perplexity(bins, model, text, ctx=512, threads=1, repack=False, timeout=3600, tries=3):
+    """llama-perplexity -m MODEL -f TEXT -c CTX -b CTX -t THREADS --no-repack -> its numbers.
 
-    -b CTX: one chunk per batch (the same result as any batch size; less memory)."""
-    log = _run([bins["llama-perplexity"], "-m", model, "-f", text, "-c", str(ctx),
-                "-b", str(ctx), "-t", str(threads), "--no-warmup"], timeout)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
-    if not m:
-        raise RefqError(f"llama-perplexity on {model}: no 'Final estimate' line in its output")
-    chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
-    return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)),
-            "chunks": int(chunks.group(1)) if chunks else None,
-            "scored_tokens": int(chunks.group(1)) * (ctx - ctx // 2 - 1) if chunks else None,
-            "ctx": ctx, "threads": threads, "build": build_info(log), "model": model}
+    -b CTX: one chunk per batch (the same result as any batch size; less memory).
+    --no-repack (unless repack): ggml's plain CPU kernels, without the "extra"
+    buffer types (weights repacked for AVX2/AVX-512 or AMX tiles). On a CPU that
+    reports AMX, llama.cpp's default puts Q4_0 weights in its AMX buffer, and in the
+    VM where this was measured that path died with SIGSEGV in ggml_backend_amx_mul_mat.
+
+    llama.cpp logs from a worker thread that is not flushed at exit (common/log.cpp:
+    "this design may cause logs to be lost"), so the last lines are sometimes
+    missing. The 'Final estimate: PPL = P +/- E' line is used when present; else the
+    running value printed after the last chunk ('[n]P', the same exp(mean NLL) to
+    the same 4 decimals, without E); else the run is repeated (up to `tries`)."""
+    args = [bins["llama-perplexity"], "-m", model, "-f", text, "-c", str(ctx), "-b", str(ctx),
+            "-t", str(threads), "--no-warmup"] + ([] if repack else ["--no-repack"])
+    for attempt in range(1, tries + 1):
+        log = _run(args, timeout)
+        chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", log)
+        n = int(chunks.group(1)) if chunks else None
+        final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+        running = dict(re.findall(r"\[(\d+)\]([0-9.]+),", log))
+        if final:
+            ppl, err, source = float(final.group(1)), float(final.group(2)), "final estimate"
+        elif n and str(n) in running:
+            ppl, err, source = float(running[str(n)]), None, f"running value after chunk {n}"
+        else:
+            continue
+        return {"ppl": ppl, "ppl_err": err, "ppl_from": source, "attempts": attempt,
+                "chunks": n, "scored_tokens": n * (ctx - ctx // 2 - 1) if n else None,
+                "ctx": ctx, "threads": threads, "repack": repack, "build": build_info(log),
+                "model": model}
+    raise RefqError(f"llama-perplexity on {model}: no perplexity in its output ({tries} runs)")
 
 
 def quantize(bins, src, dst, kind="q4_0", threads=1, timeout=3600):
