@@ -6,7 +6,7 @@ binaries are looked up in `LLAMA_CPP_DIR` (a folder holding llama-perplexity
 and llama-quantize, e.g. a llama.cpp build's build/bin), then on PATH.
 
     perplexity(bins, "model.gguf", "data/eval.txt", ctx=512)
-        -> {"ppl": 35.30, "ppl_err": 0.8, "chunks": 32, "ctx": 512, "build": "...", ...}
+        -> {"ppl": 35.30, "ppl_err": 1.24, "chunks": 32, "ctx": 512, ...}
     quantize(bins, "f32.gguf", "q4_0.gguf", "q4_0")
 
 llama-perplexity's protocol (tools/perplexity/perplexity.cpp, perplexity()):
@@ -52,10 +52,11 @@ def _run(args, timeout):
     return p.stdout + p.stderr
 
 
-def build_info(log):
-    """llama.cpp's own 'build: N (commit) with COMPILER for TARGET' line of a tool's log."""
-    m = re.search(r"^build: (.*)$", log, re.M)
-    return m.group(1).strip() if m else None
+def version(bins):
+    """llama.cpp's own account of the build: `llama-perplexity --version`, one line
+    ('version: 0.2.0-dev (build 0, commit unknown); built with GNU 12.2.0 for ...')."""
+    out = _run([bins["llama-perplexity"], "--version"], 60)
+    return "; ".join(line.strip() for line in out.splitlines() if line.strip())
 
 
 def perplexity(bins, model, text, ctx=512, threads=1, repack=False, timeout=3600, tries=3):
@@ -88,18 +89,17 @@ def perplexity(bins, model, text, ctx=512, threads=1, repack=False, timeout=3600
             continue
         return {"ppl": ppl, "ppl_err": err, "ppl_from": source, "attempts": attempt,
                 "chunks": n, "scored_tokens": n * (ctx - ctx // 2 - 1) if n else None,
-                "ctx": ctx, "threads": threads, "repack": repack, "build": build_info(log),
-                "model": model}
+                "ctx": ctx, "threads": threads, "repack": repack, "model": model}
     raise RefqError(f"llama-perplexity on {model}: no perplexity in its output ({tries} runs)")
 
 
 def quantize(bins, src, dst, kind="q4_0", threads=1, timeout=3600):
     """llama-quantize --pure SRC DST KIND, the token embedding (= the tied output) kept
     in F32 as in refq's GGUF export, so that only the linears differ. --pure: every
-    other 2-D tensor gets KIND (no k-quant mixture rules). -> {"build", "seconds"...}."""
+    other 2-D tensor gets KIND (no k-quant mixture rules). -> {"seconds", ...}."""
     import time
     t0 = time.perf_counter()
     log = _run([bins["llama-quantize"], "--pure", "--token-embedding-type", "f32",
                 "--output-tensor-type", "f32", src, dst, kind, str(threads)], timeout)
-    return {"from": src, "to": dst, "type": kind, "build": build_info(log),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {"from": src, "to": dst, "type": kind, "seconds": round(time.perf_counter() - t0, 2),
+            "log_tail": log.strip().splitlines()[-3:]}
