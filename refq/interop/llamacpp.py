@@ -41,9 +41,44 @@ def find_binaries(folder=None):
     return found
 
 
+# llama.cpp's tools log from a worker thread that is never joined (common/log.cpp: "this
+# design may cause logs to be lost if not flushed before the program exits"): under load
+# the last lines, 'Final estimate: PPL = ...' among them, are often lost. A library
+# preloaded into the tool whose ELF destructor waits 0.3 s at exit gives that thread the
+# time to write them (20 of 20 runs complete with it, 18 of 20 without, on a tiny model).
+LOG_WAIT_C = ("#include <unistd.h>\n"
+              "__attribute__((destructor)) static void refq_wait_for_log(void) { usleep(300000); }\n")
+
+
+def _log_wait_library():
+    """Path of the preload library above, compiled once with the C compiler (cc); None
+    without one (perplexity() then falls back on repeating the run)."""
+    import tempfile
+    path = os.path.join(tempfile.gettempdir(), f"refq-llamacpp-logwait-{os.getuid()}.so")
+    if os.path.isfile(path):
+        return path
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, out = os.path.join(d, "w.c"), os.path.join(d, "w.so")
+        with open(src, "w") as f:
+            f.write(LOG_WAIT_C)
+        if subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", out, src],
+                          capture_output=True).returncode != 0:
+            return None
+        shutil.copyfile(out, path + f".{os.getpid()}")
+        os.replace(path + f".{os.getpid()}", path)
+    return path
+
+
 def _run(args, timeout):
+    env = dict(os.environ)
+    lib = _log_wait_library()
+    if lib:
+        env["LD_PRELOAD"] = " ".join(filter(None, [lib, env.get("LD_PRELOAD")]))
     try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise RefqError(f"{os.path.basename(args[0])}: no answer within {timeout} s") from None
     if p.returncode != 0:
@@ -68,11 +103,10 @@ def perplexity(bins, model, text, ctx=512, threads=1, repack=False, timeout=3600
     reports AMX, llama.cpp's default puts Q4_0 weights in its AMX buffer, and in the
     VM where this was measured that path died with SIGSEGV in ggml_backend_amx_mul_mat.
 
-    llama.cpp logs from a worker thread that is not flushed at exit (common/log.cpp:
-    "this design may cause logs to be lost"), so the last lines are sometimes
-    missing. The 'Final estimate: PPL = P +/- E' line is used when present; else the
-    running value printed after the last chunk ('[n]P', the same exp(mean NLL) to
-    the same 4 decimals, without E); else the run is repeated (up to `tries`)."""
+    llama.cpp's log can lose its last lines at exit (LOG_WAIT_C above). The 'Final
+    estimate: PPL = P +/- E' line is used when present; else the running value
+    printed after the last chunk ('[n]P', the same exp(mean NLL) to the same 4
+    decimals, without E); else the run is repeated (up to `tries`)."""
     args = [bins["llama-perplexity"], "-m", model, "-f", text, "-c", str(ctx), "-b", str(ctx),
             "-t", str(threads), "--no-warmup"] + ([] if repack else ["--no-repack"])
     for attempt in range(1, tries + 1):
