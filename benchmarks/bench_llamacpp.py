@@ -197,7 +197,7 @@ def main():
           "llamacpp": ll, "refq": rq, "rel_diff": ll["ppl"] / rq["ppl"] - 1,
           "q4_0_blocks_vs": same}
     log(json.dumps(lq))
-    result = {"machine": machine(), "build": ll.get("build"), "text": text, "ctx": args.ctx,
+    result = {"machine": machine(), "build": llamacpp.version(bins), "text": text, "ctx": args.ctx,
               "threads": args.threads, "rows": rows, "llama_quantize": lq}
     with open(os.path.join(args.work, "result.json"), "w") as f:
         json.dump(result, f, indent=1)

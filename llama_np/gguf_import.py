@@ -114,9 +114,9 @@ def gguf_tokenizer(reader, path):
     if model != "gpt2":
         raise RefqError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE "
                         "('gpt2') tokenizers can be converted")
-    if pre not in ("smollm", "gpt2", "default"):
+    if pre not in ("smollm", "gpt-2", "gpt2", "default"):
         raise RefqError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported "
-                        "(supported: smollm, gpt2)")
+                        "(supported: smollm, gpt-2)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]

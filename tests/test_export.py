@@ -323,6 +323,8 @@ def test_gguf_metadata_and_unquantized_tensors(tiny, tmp_path):
               "tie_word_embeddings", "vocab_size", "bos_token_id", "eos_token_id"):
         assert cfg[k] == hf[k], k
     assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    # GPT-2's pre-tokenizer is "gpt-2" to llama.cpp (src/llama-vocab.cpp; "gpt2" fails to load)
+    assert r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     assert len(r.fields["tokenizer.ggml.tokens"].contents()) == 258
     assert r.fields["tokenizer.ggml.merges"].contents() == ["Ġ t", "h e"]
     assert r.fields["tokenizer.ggml.add_bos_token"].contents() is False

@@ -138,7 +138,7 @@ def tokenizer_fields(folder, vocab_size):
         raise RefqError(f"{path}: only byte-level BPE tokenizers map to llama.cpp's vocabularies "
                         f"(this one is {model.get('type')} with pre-tokenizers {kinds})")
     if kinds == ["ByteLevel"]:
-        pre_name = "gpt2"
+        pre_name = "gpt-2"               # llama.cpp's name (llama-vocab.cpp); "gpt2" is refused
     elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         pre_name = "smollm"              # GPT-2's regex with single digits (llama.cpp "smollm")
     else:
