@@ -24,9 +24,9 @@ def block_mse(layer, xs, targets, pos):
                           for x, t in zip(xs, targets)]))
 
 
-@pytest.fixture(scope="module")
-def quantized():
-    """Layer 0 of a tiny float32 model, its inputs/targets, then its linears AQLM-quantized."""
+def quantized_layer(method, **options):
+    """Layer 0 of a tiny float32 model (biases), its inputs and unquantized outputs, then
+    its linears quantized with `method` (H = I)."""
     cfg = tiny_config(bias=True, layers=1)
     model = tiny_model(cfg, np.float32, seed=3)
     layer = model.layers[0]
@@ -35,9 +35,15 @@ def quantized():
     xs = [rng.standard_normal((12, 16)).astype(np.float32) for _ in range(6)]
     targets = [layer.forward(x, pos) for x in xs]
     for n, lin in list(layer.linears.items()):
-        layer.linears[n] = quantize_weight(lin.weight, np.eye(lin.weight.shape[1]), "aqlm",
-                                           name=n, **AQ)
+        layer.linears[n] = quantize_weight(lin.weight, np.eye(lin.weight.shape[1]), method,
+                                           name=n, **options)
     return layer, xs, targets, pos
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """Layer 0 of a tiny float32 model, its inputs/targets, then its linears AQLM-quantized."""
+    return quantized_layer("aqlm", **AQ)
 
 
 @pytest.fixture()
@@ -292,18 +298,8 @@ def test_divergence_after_progress_keeps_the_pre_divergence_state(setup, monkeyp
 def slim_layer(adapter_bits=None):
     """Layer 0 of a tiny model (biases), its inputs/targets, linears SLiM-compressed
     (2:4 wanda + 4-bit SLiM-Quant + rank-2 adapters; fp16 or adapter_bits)."""
-    cfg = tiny_config(bias=True, layers=1)
-    model = tiny_model(cfg, np.float32, seed=3)
-    layer = model.layers[0]
-    rng = np.random.default_rng(0)
-    pos = np.arange(12)
-    xs = [rng.standard_normal((12, 16)).astype(np.float32) for _ in range(6)]
-    targets = [layer.forward(x, pos) for x in xs]
     extra = {} if adapter_bits is None else dict(adapter_bits=adapter_bits, adapter_group_size=8)
-    for n, lin in list(layer.linears.items()):
-        layer.linears[n] = quantize_weight(lin.weight, np.eye(lin.weight.shape[1]), "slim",
-                                           name=n, rank=2, **extra)
-    return layer, xs, targets, pos
+    return quantized_layer("slim", rank=2, **extra)
 
 
 @pytest.fixture(scope="module", params=[None, 4], ids=["fp16-adapters", "4bit-adapters"])
