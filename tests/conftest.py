@@ -185,6 +185,16 @@ def write_tiny_checkpoint(folder, *, model_type="llama", vocab=64, hidden=32, la
     return w
 
 
+def write_tiny_workspace(d, texts, seed=0):
+    """A tiny model in d/model and, for each (file name, n tokens) of texts, a text of n
+    random in-vocabulary tokens in d/name: what a CLI test quantizes and evaluates."""
+    write_tiny_checkpoint(str(d / "model"))
+    rng = np.random.default_rng(seed)
+    for name, n in texts:
+        (d / name).write_text(tiny_text(rng.integers(2, 64, size=n)) + "\n")
+    return d
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A factory: tiny_ckpt(**kw) -> (folder, weights)."""

@@ -15,10 +15,9 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, tiny_text, write_tiny_checkpoint
+from conftest import REPO, assert_one_line_error, write_tiny_workspace
 from refq.compare import spec_dir
 
 import distributed                                    # setup.py's "test" extra installs it
@@ -35,12 +34,7 @@ def run_cli(*args, env=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cluster")
-    write_tiny_checkpoint(str(d / "model"))
-    rng = np.random.default_rng(0)
-    for name, n in (("calib.txt", 400), ("a.txt", 120), ("long.txt", 4000)):
-        (d / name).write_text(tiny_text(rng.integers(2, 64, size=n)) + "\n")
-    return d
+    return write_tiny_workspace(tmp_path_factory.mktemp("cluster"), (("calib.txt", 400), ("a.txt", 120), ("long.txt", 4000)))
 
 
 def local_client():

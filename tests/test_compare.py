@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import REPO, assert_one_line_error, tiny_text, write_tiny_checkpoint
+from conftest import REPO, assert_one_line_error, write_tiny_checkpoint, write_tiny_workspace
 from refq.compare import BASELINE, options_arg, pareto, parse_spec, spec_dir
 from refq.errors import RefqError
 
@@ -28,12 +27,7 @@ def run_cli(*args, timeout=600):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("compare")
-    write_tiny_checkpoint(str(d / "model"))
-    rng = np.random.default_rng(0)
-    for name, n in (("calib.txt", 300), ("a.txt", 120), ("b.txt", 90)):
-        (d / name).write_text(tiny_text(rng.integers(2, 64, size=n)) + "\n")
-    return d
+    return write_tiny_workspace(tmp_path_factory.mktemp("compare"), (("calib.txt", 300), ("a.txt", 120), ("b.txt", 90)))
 
 
 def common(tiny, out):
