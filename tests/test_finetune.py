@@ -40,6 +40,12 @@ def quantized_layer(method, **options):
     return layer, xs, targets, pos
 
 
+def stored_layout(layer):
+    """{linear: (bits per weight, {stored tensor: (dtype, shape)})}: what fine-tuning must keep."""
+    return {n: (q.bits_per_weight, {k: (v.dtype, v.shape) for k, v in q.tensors().items()})
+            for n, q in layer.linears.items()}
+
+
 @pytest.fixture(scope="module")
 def quantized():
     """Layer 0 of a tiny float32 model, its inputs/targets, then its linears AQLM-quantized."""
@@ -55,8 +61,7 @@ def setup(quantized):
 
 def test_finetune_lowers_mse_and_keeps_bits(setup):
     layer, xs, targets, pos = setup
-    bits = {n: q.bits_per_weight for n, q in layer.linears.items()}
-    shapes = {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()} for n, q in layer.linears.items()}
+    layout = stored_layout(layer)
     before = block_mse(layer, xs, targets, pos)
     info = finetune_layer(layer, xs, targets, pos, dict(lr=1e-3, epochs=8, relative_tolerance=0))
     after = block_mse(layer, xs, targets, pos)
@@ -65,9 +70,7 @@ def test_finetune_lowers_mse_and_keeps_bits(setup):
     assert after < 0.9 * before
     assert info["mse_after"] == min(info["mse_history"])
     assert len(info["mse_history"]) == info["epochs"] + 1
-    assert {n: q.bits_per_weight for n, q in layer.linears.items()} == bits
-    assert {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()}
-            for n, q in layer.linears.items()} == shapes
+    assert stored_layout(layer) == layout                          # bits, dtypes, shapes
 
 
 def test_keep_best_never_raises_the_mse(setup):
@@ -223,7 +226,7 @@ def test_killed_finetune_run_resumes_with_the_same_bytes(tmp_path, monkeypatch, 
     assert tuned == [2, 3] and {c.split(".")[2] for c in calls} == {"2", "3"}
     assert not os.path.exists(state_dir(out))
     capsys.readouterr()
-    whole, resumed = Checkpoint(str(tmp_path / "whole")), Checkpoint(str(out))
+    whole = Checkpoint(str(tmp_path / "whole"))
     orig = Checkpoint(folder)
     for i in (0, 1):       # fine-tuning did change what the state had to keep
         for n in ("input_layernorm.weight", "self_attn.q_proj.bias"):
@@ -318,8 +321,7 @@ BASE_FIELDS = ("qvalues", "scales", "idx24")                        # the frozen
 
 def test_slim_finetune_lowers_mse_keeps_base_and_bits(slim_setup):
     layer, xs, targets, pos = slim_setup
-    bits = {n: q.bits_per_weight for n, q in layer.linears.items()}
-    shapes = {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()} for n, q in layer.linears.items()}
+    layout = stored_layout(layer)
     base = {n: {k: q.fields[k].copy() for k in BASE_FIELDS} for n, q in layer.linears.items()}
     before = block_mse(layer, xs, targets, pos)
     info = finetune_layer(layer, xs, targets, pos, dict(lr=1e-2, epochs=10, relative_tolerance=0))
@@ -328,9 +330,7 @@ def test_slim_finetune_lowers_mse_keeps_base_and_bits(slim_setup):
     assert info["mse_after"] == pytest.approx(after, rel=1e-4)     # what is stored is what was measured
     assert after < 0.8 * before
     assert info["mse_after"] == min(info["mse_history"])
-    assert {n: q.bits_per_weight for n, q in layer.linears.items()} == bits
-    assert {n: {k: (v.dtype, v.shape) for k, v in q.tensors().items()}
-            for n, q in layer.linears.items()} == shapes
+    assert stored_layout(layer) == layout                          # bits, dtypes, shapes
     for n, q in layer.linears.items():                              # W_c untouched, adapters moved
         for k in BASE_FIELDS:
             np.testing.assert_array_equal(q.fields[k], base[n][k])
