@@ -430,3 +430,13 @@ def test_cli_errors(tiny_model, tmp_path, capsys):
         assert_one_line_error(rc, so, err, *must)
         assert "aqlm:" not in err and "%" not in err, err
         assert not os.path.exists(out)
+
+
+def test_monotone_check_accepts_an_unchanged_negative_loss():
+    """A layer fitted exactly has a loss of rounding size and either sign (expanded form):
+    an unchanged negative loss is not a rise (it was, with prev * (1 + 1e-9) as the bound:
+    a real run of a 128-wide tiny model died on it), a real rise still is."""
+    aqlm._check_monotone(-2.7858632323429907e-05, -2.7858632323429907e-05, "the code step", "v")
+    aqlm._check_monotone(1.0, 1.0 + 1e-12, "the code step", "v")
+    with pytest.raises(AssertionError):
+        aqlm._check_monotone(-2.8e-05, -2.7e-05, "the code step", "v")

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, write_tiny_workspace
+from conftest import REPO, assert_one_line_error, write_tiny_checkpoint, write_tiny_workspace
 from refq.compare import spec_dir
 
 import distributed                                    # setup.py's "test" extra installs it
@@ -166,6 +166,9 @@ def test_cli_local_cluster_same_bytes_and_no_orphans(tiny, tmp_path, gptq_one):
 
 SLOW_AQLM = ("--nsamples", 64, "--seqlen", 32)              # with --calib long.txt
 SLOW_AQLM_OPTIONS = {"nbits_per_codebook": 4, "max_iters": 50, "relative_tolerance": 0}
+# a run that is still quantizing when the test stops it, however fast the machine (with
+# SLOW_AQLM_OPTIONS on the 32-wide model a quiet machine finished before the SIGTERM came)
+NEVER_DONE_AQLM_OPTIONS = {"nbits_per_codebook": 8, "max_iters": 10000, "relative_tolerance": 0}
 
 
 def start_marked(*args, mark):
@@ -191,8 +194,10 @@ def cmdline(pid):
 
 def test_sigterm_shuts_the_local_cluster_down(tiny, tmp_path):
     mark = uuid.uuid4().hex
-    p = start_marked("quantize", "--model", tiny / "model", "--calib", tiny / "long.txt",
-                     *SLOW_AQLM, "--method", "aqlm", "--options", json.dumps(SLOW_AQLM_OPTIONS),
+    wide = tmp_path / "wide"          # 128 wide, 8-bit codebooks: minutes of AQLM, not seconds
+    write_tiny_checkpoint(str(wide), hidden=128, heads=4, kv_heads=2, ff=512)
+    p = start_marked("quantize", "--model", wide, "--calib", tiny / "long.txt",
+                     *SLOW_AQLM, "--method", "aqlm", "--options", json.dumps(NEVER_DONE_AQLM_OPTIONS),
                      "--out", tmp_path / "out", "--cluster", "local:2", mark=mark)
     for line in p.stderr:                              # the cluster is up and working
         if line.startswith("cluster: local:2"):
