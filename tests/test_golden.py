@@ -144,18 +144,24 @@ def test_shipped_suite_verifies(method):
                         assert c.get("max_abs", 0.0) == 0.0, (n, tier, k, c)
 
 
+def synthetic_runs(method, quantize=True, **override):
+    """Each golden case of `method` on synthetic inputs (the real-layer ones skipped):
+    (label, data, validated options with `override` applied, refq's result or None)."""
+    from refq.api import quantize_weight, validate_options
+    for label, inp, given in golden.CASES[method]:
+        if inp == spec.R:
+            continue
+        d, _ = golden.make_synthetic(inp)
+        opts = validate_options(method, dict(given, **override))
+        yield label, d, opts, quantize_weight(d["W"], d["H"], method, **opts) if quantize else None
+
+
 # --------------------------------------------------------------------------- the steps are refq's
 def test_sparsegpt_and_squeezellm_steps_are_refq_state():
     """trace_sparsegpt replays refq's sweep with refq's block function: its result equals
     refq's; each squeezellm k-means, rounded to float16, is the row's stored table."""
-    from refq.api import quantize_weight, validate_options
     for method in ("sparsegpt", "squeezellm"):
-        for label, inp, given in golden.CASES[method]:
-            if inp == spec.R:
-                continue
-            d, _ = golden.make_synthetic(inp)
-            opts = validate_options(method, dict(given))
-            q = quantize_weight(d["W"], d["H"], method, **opts)
+        for label, d, opts, q in synthetic_runs(method):
             if method == "sparsegpt":
                 st, res = steps.trace_sparsegpt(d["W"], d["H"], opts)
                 assert np.array_equal(res["W_c"].astype(np.float16).astype(np.float32),
@@ -171,14 +177,8 @@ def test_sparsegpt_and_squeezellm_steps_are_refq_state():
 def test_quantease_sweep_step_is_refq_first_sweep():
     """The quantease_sweep reference from trace_quantease's state = refq's result after one
     sweep (iters=1; with outliers the S step that follows changes S only)."""
-    from refq.api import quantize_weight, validate_options
     from refq.methods.quantease import _init, topk_mask
-    for label, inp, given in golden.CASES["quantease"]:
-        if inp == spec.R:
-            continue
-        d, _ = golden.make_synthetic(inp)
-        opts = validate_options("quantease", dict(given, iters=1))
-        q = quantize_weight(d["W"], d["H"], "quantease", **opts)
+    for label, d, opts, q in synthetic_runs("quantease", iters=1):
         W = np.asarray(d["W"], np.float64)
         (s,) = steps.trace_quantease(W, d["H"], opts)
         ref = steps.KINDS["quantease_sweep"].reference(s["inputs"], s["params"])["W_hat"]
@@ -191,13 +191,7 @@ def test_quantease_sweep_step_is_refq_first_sweep():
 
 def test_spqr_group_step_is_refq_first_group():
     """spqr_group's reference on trace_spqr's state = the grid refq stored for group 0."""
-    from refq.api import quantize_weight, validate_options
-    for label, inp, given in golden.CASES["spqr"]:
-        if inp == spec.R:
-            continue
-        d, _ = golden.make_synthetic(inp)
-        opts = validate_options("spqr", dict(given))
-        q = quantize_weight(d["W"], d["H"], "spqr", **opts)
+    for label, d, opts, q in synthetic_runs("spqr"):
         (s,) = steps.trace_spqr(d["W"], d["H"], opts)
         ref = steps.KINDS["spqr_group"].reference(s["inputs"], s["params"])
         assert np.array_equal(ref["scale"].astype(np.float32), q.scales()[:, 0]), label
@@ -208,15 +202,9 @@ def test_spqr_group_step_is_refq_first_group():
 def test_slim_steps_are_refq_state():
     """slim_alpha's reference = the alpha refq used (slim-quant; slim without a refit);
     slim_adapter_svd's reference, rounded to float16, = the adapters refq stored."""
-    from refq.api import quantize_weight, validate_options
     n_alpha = n_svd = 0
     for method in ("slim-quant", "slim"):
-        for label, inp, given in golden.CASES[method]:
-            if inp == spec.R:
-                continue
-            d, _ = golden.make_synthetic(inp)
-            opts = validate_options(method, dict(given))
-            q = quantize_weight(d["W"], d["H"], method, **opts)
+        for label, d, opts, q in synthetic_runs(method):
             t = q.tensors()
             for s in steps.trace_slim(np.asarray(d["W"], np.float64), d["H"], opts, method):
                 ref = steps.KINDS[s["kind"]].reference(s["inputs"], s["params"])
@@ -250,13 +238,7 @@ def test_step_traces_replay_refq_bit_for_bit(method):
     """Each trace_<method> replays refq's algorithm and records its state; the replay must
     reproduce refq's full result exactly, and each recorded step's reference (computed by
     refq's sub-step functions) must be what refq used at that point."""
-    from refq.api import quantize_weight, validate_options
-    for label, inp, given in golden.CASES[method]:
-        if inp == spec.R:
-            continue
-        d, _ = golden.make_synthetic(inp)
-        opts = validate_options(method, dict(given))
-        q = quantize_weight(d["W"], d["H"], method, **opts)
+    for label, d, opts, q in synthetic_runs(method):
         nf = golden.neutral_fields(q)
         st, res = getattr(steps, f"trace_{method}")(d["W"], d["H"], opts)
         if method == "rtn":
@@ -287,13 +269,8 @@ def test_block_update_reference_is_refq_state():
     """steps.block_update (the reference of gptq_block_update) on a recorded block's start
     state gives exactly the Err and updated weights refq's loop reached (the replay that
     recorded them reproduces refq's result bit for bit: test above)."""
-    from refq.api import validate_options
     n_blocks = 0
-    for label, inp, given in golden.CASES["gptq"]:
-        if inp == spec.R:
-            continue
-        d, _ = golden.make_synthetic(inp)
-        opts = validate_options("gptq", dict(given))
+    for label, d, opts, _ in synthetic_runs("gptq", quantize=False):
         st, res = steps.trace_gptq(d["W"], d["H"], opts)
         for s in (s for s in st if s["kind"] == "gptq_block_update"):
             b0 = int(s["id"].split("-")[1])
