@@ -67,7 +67,9 @@ CASES = [
     ("codebook 2/3/4 + csr", lambda r: codebook(r, 37, 90)),
     ("codebook 1/8", lambda r: codebook(r, 23, 41, widths=(1, 8), outliers=False)),
     ("additive 2x8 g8", lambda r: additive(r, 21, 48, 2, 8, 8)),
-    ("additive 1x10 g6", lambda r: additive(r, 13, 36, 1, 10, 6)),
+    ("additive 1x10 g6", lambda r: additive(r, 13, 36, 1, 10, 6)),            # LUT of 1024 entries
+    ("additive 2x8 g8 two tiles", lambda r: additive(r, 19, 320, 2, 8, 8)),    # 80 positions: 64 + 16
+    ("codebook 2 two tiles", lambda r: codebook(r, 21, 300, widths=(2,), outliers=False)),  # 75 bytes
 ]
 
 
@@ -230,6 +232,7 @@ import numba
 import refq.kernels.cpu as kc
 from test_kernels_cpu import CASES
 kc.PAR_MIN_WORK = 0          # the parallel kernels even for these small products
+kc.TILED_MIN_ROWS = 1        # and one block of rows per thread in the tiled LUT kernel
 out = []
 for name, build in CASES:
     q = build(np.random.default_rng(0))
@@ -270,21 +273,22 @@ def test_codebook_byte_tables_and_per_code_lut(monkeypatch, min_out):
         assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL
 
 
-def test_additive_lut_kernel_does_not_depend_on_the_row_blocks():
-    """additive_cpu gives each thread one block of rows; the per-row sum order is fixed,
-    so any split (1 row, 7 rows, all rows per block) must give the same bits."""
+def test_tiled_lut_kernel_does_not_depend_on_the_row_blocks():
+    """The tiled LUT kernel (AQLM, CLAQ byte tables) gives each thread one block of rows;
+    the per-row sum order is fixed, so any split (1 row, 7 rows, all rows per block) must
+    give the same bits. 2x8 g8 over 136 inputs: 34 positions, one tile of 64 with 30 padded."""
     import refq.kernels.cpu as kc
     rng = np.random.default_rng(5)
-    q = additive(rng, 45, 64, 2, 8, 8)
+    q = additive(rng, 45, 136, 2, 8, 8)
     st = kc._additive_state(q)
-    M, T = st["C"].shape[0], 3
-    x = rng.standard_normal((T, 64)).astype(np.float32)
-    lut = kc.additive_table(x, st["C"])
+    T = 3
+    x = rng.standard_normal((T, 136)).astype(np.float32)
+    lut = kc.additive_table(x, st["C"], st["codes"].shape[0] * kc.LUT_TILE)
     ys = []
     for rows in (1, 7, 45, 1000):
-        y = np.full((T, 45), np.nan, np.float32)
-        kc._additive_lut(M)(st["codes"], lut, st["s"], y, rows)
-        ys.append(y)
+        y = np.zeros((T, 45), np.float32)
+        kc._tiled_lut(256)(st["codes"], lut, y, rows)
+        ys.append(y * st["s"])
     assert all(y.tobytes() == ys[0].tobytes() for y in ys)
     assert rel(ys[0], x @ q.dequantize().T) <= TOL
 

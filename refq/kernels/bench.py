@@ -38,6 +38,9 @@ FORMATS = {
     "codebook-w2": "CLAQ 2-bit per-column codebooks",
     "codebook-w4": "CLAQ 4-bit per-column codebooks",
     "additive-2x8": "AQLM 2 codebooks x 8 bits, groups of 8",
+    "additive-1x16": "AQLM 1 codebook x 16 bits, groups of 8 (the direct kernel)",
+    "row_lut-w3": "SqueezeLLM 3-bit per-row tables",
+    "row_lut-w4": "SqueezeLLM 4-bit per-row tables",
 }
 
 
@@ -68,11 +71,17 @@ def build(fmt, rng, out, n):
         cents = np.sort(rng.standard_normal((n, 2 ** bits)), axis=1) * 0.02
         return CodebookWeight.from_codes(rng.integers(0, 2 ** bits, (out, n), dtype=np.uint8),
                                          list(cents), np.full(n, bits, np.uint8))
-    if fmt == "additive-2x8":
+    if fmt.startswith("additive-"):
         from refq.formats.additive import AdditiveWeight
-        return AdditiveWeight.from_arrays(rng.integers(0, 256, (out, n // 8, 2), dtype=np.uint8),
-                                          rng.standard_normal((2, 256, 8)) * 0.02,
-                                          rng.random(out) + 0.5, 8)
+        M, B = (int(v) for v in fmt[len("additive-"):].split("x"))
+        return AdditiveWeight.from_arrays(rng.integers(0, 2 ** B, (out, n // 8, M)),
+                                          rng.standard_normal((M, 2 ** B, 8)) * 0.02,
+                                          rng.random(out) + 0.5, B)
+    if fmt.startswith("row_lut-w"):
+        from refq.formats.row_lut import RowLutWeight
+        bits = int(fmt[len("row_lut-w"):])
+        return RowLutWeight.from_codes(rng.integers(0, 2 ** bits, (out, n), dtype=np.uint8),
+                                       np.sort(rng.standard_normal((out, 2 ** bits)), axis=1) * 0.02, bits)
     raise AssertionError(fmt)
 
 

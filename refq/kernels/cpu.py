@@ -691,20 +691,79 @@ def _byte_tables(bits):
     return tables
 
 
-@njit(parallel=True, fastmath=_FM)
-def _codebook_bytes(qw, bt, y):
-    """y (T, out) += Σ_i bt[t, i, qw[r, i]]: one table lookup per BYTE of codes (4 codes
-    at 2 bits, 2 at 4 bits) for the byte-aligned widths 1, 2, 4 and 8."""
-    out, nbb = qw.shape
-    T = bt.shape[0]
-    for r in prange(out):
-        row = qw[r]
-        for t in range(T):
-            L = bt[t]
-            a = np.float32(0.0)
-            for i in range(nbb):
-                a += L[i, row[i]]
-            y[t, r] += a
+LUT_TILE = 64            # table positions per tile of the tiled LUT kernel (a compile-time constant)
+_TILED_KERNELS = {}      # K -> compiled kernel
+
+
+def tile_codes(codes):
+    """(out, npos) codes -> (nt, out, LUT_TILE), same dtype, nt = ceil(npos / LUT_TILE): tile j holds
+    the codes of positions j*P .. j*P+P-1 of every row (P = LUT_TILE), contiguous per row,
+    tiles one after the other; positions past npos get code 0 (their tables are 0)."""
+    out, npos = codes.shape
+    nt = -(-npos // LUT_TILE)
+    padded = np.zeros((out, nt * LUT_TILE), codes.dtype)
+    padded[:, :npos] = codes
+    return np.ascontiguousarray(padded.reshape(out, nt, LUT_TILE).transpose(1, 0, 2))
+
+
+def _tiled_lut(K):
+    """kernel(codes_t, tab, y, rows): y[t, r] += Σ_i tab[t, i, code[r, i]], the table
+    lookup shared by CLAQ's byte tables and AQLM's LUT.
+
+    tab (T, nt*P, K) f32: one table of K entries per POSITION i (a byte of CLAQ codes, a
+    (group, codebook) pair of AQLM); codes_t (nt, out, P) from tile_codes. Tiles
+    outer, rows inner: a tile's P tables (64 KiB at K = 256, P = 64) are read by every
+    row of a block while the codes stream through once, so the whole table
+    (1 MiB at 4096 inputs) is swept once per block of rows, not once per row. Per row
+    and tile the P lookups are one loop of constant length P, which LLVM unrolls and,
+    where its cost model says gathers pay (AVX-512 here: vgatherqps), vectorises;
+    P = 32 stays scalar and measured 1.7x slower at 4096x4096 (BENCHMARKS.md).
+    Each row's sum runs over the tiles in order, by the one thread owning its block of
+    `rows` rows, so y does not depend on `rows` or on the thread count. K (entries per
+    table) is a compile-time constant: one kernel per K.
+    """
+    if K in _TILED_KERNELS:
+        return _TILED_KERNELS[K]
+    P = LUT_TILE
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(codes_t, tab, y, rows):
+        nt, out, _ = codes_t.shape
+        T = tab.shape[0]
+        nblk = (out + rows - 1) // rows
+        for blk in prange(nblk):
+            r0 = blk * rows
+            r1 = min(out, r0 + rows)
+            acc = np.empty(r1 - r0, np.float32)
+            for t in range(T):
+                acc[:] = 0.0
+                for j in range(nt):
+                    L = tab[t, j * P:(j + 1) * P]              # (P, K): this tile's tables
+                    cj = codes_t[j]
+                    for r in range(r0, r1):
+                        c = cj[r]
+                        a = np.float32(0.0)
+                        for i in range(P):                   # Σ_{i in tile j} tab[t, i, code[r, i]]
+                            a += L[i, c[i]]
+                        acc[r - r0] += a
+                for r in range(r0, r1):
+                    y[t, r] += acc[r - r0]
+
+    _TILED_KERNELS[K] = kernel
+    return kernel
+
+
+def _tiled_rows(out, work):
+    """Rows per block of _tiled_lut: one block per thread (a serial product: one block).
+    The fewer the blocks, the fewer passes over the table; any split gives the same y."""
+    return out if work < PAR_MIN_WORK else max(TILED_MIN_ROWS, -(-out // numba.get_num_threads()))
+
+
+TILED_MIN_ROWS = 256     # rows per prange item of the tiled LUT kernel: at least this many
+
+
+def _uses_byte_tables(b, out):
+    return 8 % b == 0 and (b <= 2 or out >= BYTE_TABLE_MIN_OUT[b])
 
 
 def _codebook_state(q):
@@ -712,8 +771,10 @@ def _codebook_state(q):
         q._validate()
         widths = []
         for b in sorted(q.qweights):
-            widths.append((b, np.ascontiguousarray(q.qweights[b]), q.columns(b),
-                           np.ascontiguousarray(q.codebooks[b], dtype=np.float32)))
+            qw = np.ascontiguousarray(q.qweights[b])
+            # the byte-table path reads a tiled copy of the codes (tile_codes: same bytes, zero-padded)
+            tiled = tile_codes(qw) if _uses_byte_tables(b, qw.shape[0]) else None
+            widths.append((b, qw, tiled, q.columns(b), np.ascontiguousarray(q.codebooks[b], dtype=np.float32)))
         return {"widths": widths, "csr": csr_state(q.outliers)}
     key = (q.column_bits, q.outliers) + tuple(q.qweights[b] for b in sorted(q.qweights)) \
         + tuple(q.codebooks[b] for b in sorted(q.codebooks))
@@ -731,14 +792,15 @@ BYTE_TABLE_MIN_OUT = {4: 2048, 8: 0}
 def codebook_cpu(q, x2):
     st = _codebook_state(q)
     T = x2.shape[0]
-    y = np.zeros((T, q.shape[0]), np.float32)
-    for b, qw, cols, C in st["widths"]:
+    out = q.shape[0]
+    y = np.zeros((T, out), np.float32)
+    for b, qw, tiled, cols, C in st["widths"]:
         lut = np.ascontiguousarray(x2[:, cols][:, :, None] * C[None])     # (T, n_b, 2^b)
-        work = T * qw.shape[0] * cols.size
-        if 8 % b == 0 and (b <= 2 or qw.shape[0] >= BYTE_TABLE_MIN_OUT[b]):
-            bt = np.empty((T, qw.shape[1], 256), np.float32)
+        work = T * out * cols.size
+        if tiled is not None:                                    # byte tables, tiled codes (nt, out, P)
+            bt = np.empty((T, tiled.shape[0] * LUT_TILE, 256), np.float32)   # positions past the row add 0
             _byte_tables(b)(lut, bt)
-            _run(_codebook_bytes, work, qw, bt, y)
+            _run(_tiled_lut(256), work, tiled, bt, y, _tiled_rows(out, work))
         else:
             _run(_codebook_lut(b), work, qw, lut, y)
     return add_outliers(y, x2, st["csr"])
@@ -761,7 +823,7 @@ def codebook_rows(q, r0, r1):
     codebooks, then the CSR outliers. Columns of width 0 (none stored) stay 0."""
     st = _codebook_state(q)
     W = np.zeros((r1 - r0, q.shape[1]), np.float32)
-    for b, qw, cols, C in st["widths"]:
+    for b, qw, _, cols, C in st["widths"]:
         _codebook_rows(qw, C, cols, b, r0, r1, W)
     if st["csr"] is not None:
         _csr_add_rows(W, r0, *st["csr"])
@@ -769,54 +831,6 @@ def codebook_rows(q, r0, r1):
 
 
 # =========================================================================== additive (AQLM)
-ADDITIVE_MIN_ROWS = 256  # rows per prange item of the LUT kernel: at least this many
-_ADDITIVE_KERNELS = {}  # M -> compiled kernel
-
-
-def _additive_lut(M):
-    """kernel(codes_gm, lut, s, y, rows): y[t, r] = s[r] Σ_k Σ_m lut[t, k, m, codes[r, k, m]].
-
-    lut (T, Kg, M, 2^B). codes_gm is the codes in group-major order (Kg, out, M),
-    made once per weight: for one group k the M tables lut[t, k] (M KiB at
-    B = 8) stay in L1 while a block of rows looks them up with codes that are
-    contiguous in memory. (Row-major codes would sweep the whole Kg x M x 2^B
-    table, 1 MiB at 4096 inputs, once per row.) M is a compile-time constant
-    (one kernel per M: the m loop unrolls, measured 2-3x faster than a runtime
-    M). Each row's sum runs over k, then m, in order, by the one thread owning
-    its block of `rows` rows; so the result does not depend on `rows`, and the
-    caller gives each thread one block (out / threads rows): the fewer the
-    blocks, the fewer passes over the table (one block of 4096 rows measured
-    1.27x faster than four of 1024, bit-identical).
-    """
-    if M in _ADDITIVE_KERNELS:
-        return _ADDITIVE_KERNELS[M]
-
-    @njit(parallel=True, fastmath=_FM)
-    def kernel(codes_gm, lut, s, y, rows):
-        Kg, out, _ = codes_gm.shape
-        T = lut.shape[0]
-        nblk = (out + rows - 1) // rows
-        for blk in prange(nblk):
-            r0 = blk * rows
-            r1 = min(out, r0 + rows)
-            acc = np.empty(r1 - r0, np.float32)
-            for t in range(T):
-                acc[:] = 0.0
-                for k in range(Kg):
-                    ck = codes_gm[k]
-                    L = lut[t, k]
-                    for r in range(r0, r1):
-                        a = acc[r - r0]
-                        for m in range(M):
-                            a += L[m, ck[r, m]]
-                        acc[r - r0] = a
-                for r in range(r0, r1):
-                    y[t, r] = s[r] * acc[r - r0]
-
-    _ADDITIVE_KERNELS[M] = kernel
-    return kernel
-
-
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _additive_direct(codes, C, s, x, y):
     """Codebooks too large for a LUT (B > 8): y[t, r] = s[r] Σ_k (Σ_m C_m[code]) · x_k."""
@@ -838,24 +852,30 @@ def _additive_direct(codes, C, s, x, y):
 def _additive_state(q):
     def build():
         q._validate()
-        M, K, g = q.codebooks.shape
-        use_lut = (q.shape[1] // g) * M * K <= ADDITIVE_LUT_MAX
-        # the LUT kernel reads a group-major copy of the codes (same bytes, (Kg, out, M))
-        codes = np.transpose(q.codes, (1, 0, 2)) if use_lut else q.codes
-        return {"lut": use_lut, "codes": np.ascontiguousarray(codes),
+        out, Kg, M = q.codes.shape
+        K = q.codebooks.shape[1]
+        use_lut = Kg * M * K <= ADDITIVE_LUT_MAX
+        # the LUT kernel reads the codes as positions k*M + m, tiled (tile_codes: same bytes)
+        codes = tile_codes(q.codes.reshape(out, Kg * M)) if use_lut else np.ascontiguousarray(q.codes)
+        return {"lut": use_lut, "codes": codes,
                 "C": np.ascontiguousarray(q.codebooks, dtype=np.float32),     # (M, 2^B, g)
                 "s": np.ascontiguousarray(q.scales, dtype=np.float32)}
     return _cached(q, (q.codes, q.codebooks, q.scales), build)
 
 
-def additive_table(x2, C):
-    """LUT[t, k, m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call.
-    x2 (T, in) f32, C (M, 2^B, g) f32 -> (T, in/g, M, 2^B) f32, contiguous."""
+def additive_table(x2, C, npos=None):
+    """LUT[t, k*M + m, j] = x[t, k-th group] · C_m[j]: one small GEMM per call.
+    x2 (T, in) f32, C (M, 2^B, g) f32 -> (T, npos, 2^B) f32, contiguous; npos >= in/g * M
+    (default equal), the positions past in/g * M are 0 (the padding of tile_codes)."""
     T = x2.shape[0]
     M, K, g = C.shape
     Kg = x2.shape[1] // g
-    lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg, M, K)
-    return np.ascontiguousarray(lut, dtype=np.float32)
+    lut = (x2.reshape(T * Kg, g) @ C.reshape(M * K, g).T).reshape(T, Kg * M, K)
+    if npos is None or npos == Kg * M:
+        return np.ascontiguousarray(lut, dtype=np.float32)
+    padded = np.zeros((T, npos, K), np.float32)
+    padded[:, :Kg * M] = lut
+    return padded
 
 
 # LUT entries per token above which the direct kernel is used instead
@@ -864,19 +884,21 @@ ADDITIVE_LUT_MAX = 1 << 22
 
 @register("cpu", "additive")
 def additive_cpu(q, x2):
+    """y[t, r] = s[r] Σ_k Σ_m LUT[t, k*M + m, code[r, k, m]] (the tiled LUT kernel), or the
+    direct kernel for codebooks too large to tabulate."""
     st = _additive_state(q)
     out, n = q.shape
     T = x2.shape[0]
     C = st["C"]
-    M = C.shape[0]
-    y = np.empty((T, out), np.float32)
     if st["lut"]:
-        lut = additive_table(x2, C)
+        codes = st["codes"]                                  # (nt, out, LUT_TILE)
+        lut = additive_table(x2, C, codes.shape[0] * LUT_TILE)
+        y = np.zeros((T, out), np.float32)
         work = T * out * n
-        # one block of rows per thread (a serial product: one block); any split gives the same y
-        rows = out if work < PAR_MIN_WORK else max(ADDITIVE_MIN_ROWS, -(-out // numba.get_num_threads()))
-        _run(_additive_lut(M), work, st["codes"], lut, st["s"], y, rows)
+        _run(_tiled_lut(C.shape[1]), work, codes, lut, y, _tiled_rows(out, work))
+        y *= st["s"]
     else:
+        y = np.empty((T, out), np.float32)
         _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
     return y
 
