@@ -10,6 +10,7 @@ from refq.errors import RefqError
 from refq.formats.additive import AdditiveWeight
 from refq.formats.codebook import CodebookWeight
 from refq.formats.outliers import CSR
+from refq.formats.row_lut import RowLutWeight
 from refq.formats.uniform import UniformWeight
 from refq.formats.uniform_sparse import UniformSparseWeight
 from refq.kernels import matmul
@@ -48,6 +49,12 @@ def additive(rng, out, n, M, B, g):
                                       rng.random(out) + 0.5, B)
 
 
+def rowlut(rng, out, n, bits, outliers=False):
+    S = np.where(rng.random((out, n)) < 0.05, rng.standard_normal((out, n)), 0) if outliers else None
+    return RowLutWeight.from_codes(rng.integers(0, 2 ** bits, (out, n)),
+                                   np.sort(rng.standard_normal((out, 2 ** bits)), 1), bits, S=S)
+
+
 # (name, builder) over odd shapes; widths chosen to cover every kernel path while
 # keeping the number of numba compilations (one per (bits, group bytes)) small
 CASES = [
@@ -70,6 +77,8 @@ CASES = [
     ("additive 1x10 g6", lambda r: additive(r, 13, 36, 1, 10, 6)),            # LUT of 1024 entries
     ("additive 2x8 g8 two tiles", lambda r: additive(r, 19, 320, 2, 8, 8)),    # 80 positions: 64 + 16
     ("codebook 2 two tiles", lambda r: codebook(r, 21, 300, widths=(2,), outliers=False)),  # 75 bytes
+    ("row_lut 3 + csr", lambda r: rowlut(r, 23, 301, 3, outliers=True)),      # a chunk of 32 units + 6
+    ("row_lut 4", lambda r: rowlut(r, 17, 199, 4)),                          # 100 units: a chunk of 64 + 36, row ends mid-unit
 ]
 
 
@@ -293,8 +302,20 @@ def test_tiled_lut_kernel_does_not_depend_on_the_row_blocks():
     assert rel(ys[0], x @ q.dequantize().T) <= TOL
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_row_lut_every_width(bits):
+    """The unit-chunk row_lut kernel at every width (units of 1, 3, 5 and 7 bytes; rows ending
+    inside a unit; whole chunks and a last shorter one) against dequantize()."""
+    rng = np.random.default_rng(bits)
+    for n in (13, 8 * 32 * 2 + 5):
+        q = rowlut(rng, 11, n, bits)
+        W = q.dequantize()
+        for T in (1, 3):
+            x = rng.standard_normal((T, n)).astype(np.float32)
+            assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL, (bits, n, T)
+
+
 def test_row_lut_and_spqr():
-    from refq.formats.row_lut import RowLutWeight
     rng = np.random.default_rng(9)
     out, n = 23, 50
     S = np.where(rng.random((out, n)) < 0.05, rng.standard_normal((out, n)), 0)

@@ -904,30 +904,96 @@ def additive_cpu(q, x2):
 
 
 # =========================================================================== row_lut (SqueezeLLM)
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _row_lut(qw, lut, x, y, bits):
-    """y[t, r] = Σ_v lut[r, v] · (Σ_{c: code[r, c] = v} x[t, c]): bucket sums of x per code,
-    then one short dot with the row's table (SqueezeLLM's per-row LUT)."""
-    out, nb = qw.shape
-    T, n = x.shape
-    K = 1 << bits
-    M = np.int32(K - 1)
-    for r in prange(out):
-        row = qw[r]
-        acc = np.zeros(K, np.float32)
-        for t in range(T):
-            acc[:] = 0
-            for c in range(n):
-                acc[_code_at(row, c, bits, M, nb)] += x[t, c]
+# Units per chunk of the row_lut kernel (compile-time constants): 64 byte units (1, 2, 4, 8
+# bits), 32 wider units (3, 5, 6, 7 bits). LLVM's vectorisation of the chunk loop depends on
+# its length, erratically: at 4096x4096 4 bits ran 2.7 ms with 64, 3.8-9 ms with 16 or 32;
+# 3 bits 2.9-3.1 ms with 32, 3.4 with 64 (BENCHMARKS.md, 2026-12-01).
+ROW_LUT_CHUNK = {1: 64, 3: 32, 5: 32, 7: 32}             # unit bytes -> units per chunk
+_ROW_LUT_KERNELS = {}    # bits -> compiled kernel
+
+
+def _row_lut(bits):
+    """kernel(qw, lut, xp, y): y[t, r] = Σ_c lut[r, code[r, c]] x[t, c] (SqueezeLLM's per-row
+    table), the weight looked up per code and multiplied by x: no float weight is stored.
+
+    The packed row is read in units (unit_geometry: 1 byte = 2 codes at 4 bits, 3 bytes
+    = 8 codes at 3 bits), code p of unit u multiplying the plane xp[t, p, u] = x[t, u*cpu + p]
+    as in the uniform kernel; the units go in chunks of ROW_LUT_CHUNK[ub] units, a loop of
+    constant length that LLVM unrolls and vectorises, the lookups lut[r, code] becoming gathers from
+    the row's 2^b-entry table (in L1; vgatherqps on AVX-512). The previous kernel summed x
+    into one bucket per code (acc[code] += x, a scalar chain through memory) and then took
+    lut[r] . acc: 0.15-0.2x the fp32 GEMV at 4096x4096 against ~1.5x for this one.
+    Each y[t, r] is summed chunk by chunk, in order, by the thread owning row r.
+    """
+    if bits in _ROW_LUT_KERNELS:
+        return _ROW_LUT_KERNELS[bits]
+    ub, cpu = unit_geometry(bits)
+    mask = (1 << bits) - 1
+    WT = np.int32 if ub <= 3 else np.int64          # a unit is <= 24 bits, or 40 / 56
+    H = ROW_LUT_CHUNK[ub]
+
+    @njit(inline="always")
+    def word(row, u):
+        """Unit u of a packed row as one little-endian integer (ub bytes)."""
+        i = u * ub
+        v = WT(row[i])
+        for j in range(1, ub):
+            v |= WT(row[i + j]) << WT(8 * j)
+        return v
+
+    @njit(fastmath=_FM)
+    def row_dot(row, L, xp, t):
+        """Σ_u Σ_p L[code p of unit u] xp[t, p, u] for one row, whole chunks, then the rest."""
+        nu = xp.shape[2]
+        M = WT(mask)
+        nfull = nu // H
+        tot = np.float32(0.0)
+        for ch in range(nfull):
+            u0 = ch * H
             a = np.float32(0.0)
-            for v in range(K):
-                a += lut[r, v] * acc[v]
-            y[t, r] = a
+            if ub == 1:
+                # byte units (1, 2, 4, 8 bits): one plane at a time, each its own vector chain
+                for p in range(cpu):
+                    ap = np.float32(0.0)
+                    for k in range(H):
+                        ap += L[(WT(row[u0 + k]) >> WT(bits * p)) & M] * xp[t, p, u0 + k]
+                    a += ap
+            else:
+                for k in range(H):                      # constant trip count: vectorised
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        a += L[(v >> WT(bits * p)) & M] * xp[t, p, u0 + k]
+            tot += a
+        for u in range(nfull * H, nu):                  # the last, shorter chunk
+            v = word(row, u)
+            for p in range(cpu):
+                tot += L[(v >> WT(bits * p)) & M] * xp[t, p, u]
+        return tot
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(qw, lut, xp, y):
+        out = qw.shape[0]
+        T = xp.shape[0]
+        nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
+        for blk in prange(nblk):
+            for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
+                for t in range(T):
+                    y[t, r] = row_dot(qw[r], lut[r], xp, t)
+
+    kernel.row_functions = {"row_lut": row_dot}                    # asm checks
+    _ROW_LUT_KERNELS[bits] = kernel
+    return kernel
 
 
 def _row_lut_state(q):
     def build():
-        return {"qw": np.ascontiguousarray(q.qweight),
+        out, n = q.shape
+        ub, cpu = unit_geometry(q.bits)
+        nu = -(-n // cpu)
+        qw = np.ascontiguousarray(q.qweight)
+        if nu * ub > qw.shape[1]:           # the row ends inside a unit: zero-padded copy
+            qw = np.concatenate([qw, np.zeros((out, nu * ub - qw.shape[1]), np.uint8)], axis=1)
+        return {"qw": qw, "cpu": cpu, "nu": nu,
                 "lut": np.ascontiguousarray(q.lut, dtype=np.float32),
                 "csr": csr_state(q.outliers)}
     st = _cached(q, (q.qweight, q.lut, q.outliers), build)
@@ -961,6 +1027,11 @@ def row_lut_rows(q, r0, r1):
 @register("cpu", "row_lut")
 def row_lut_cpu(q, x2):
     st = _row_lut_state(q)
-    y = np.empty((x2.shape[0], q.shape[0]), np.float32)
-    _run(_row_lut, x2.shape[0] * q.shape[0] * q.shape[1], st["qw"], st["lut"], x2, y, q.bits)
+    out, n = q.shape
+    T = x2.shape[0]
+    cpu, nu = st["cpu"], st["nu"]
+    xs = x2 if nu * cpu == n else np.concatenate([x2, np.zeros((T, nu * cpu - n), np.float32)], axis=1)
+    xp = np.ascontiguousarray(xs.reshape(T, nu, cpu).transpose(0, 2, 1))       # (T, cpu, nu)
+    y = np.empty((T, out), np.float32)
+    _run(_row_lut(q.bits), T * out * n, st["qw"], st["lut"], xp, y)
     return add_outliers(y, x2, st["csr"])
