@@ -63,24 +63,29 @@ uniform, uniform_sparse (RTN, GPTQ, QuantEase)
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
-    (widths ascending, columns ascending), then + CSR outliers. For 1 and 2
-    bits (and 4 bits on layers of >= 2048 rows, BYTE_TABLE_MIN_OUT) the LUT is
-    folded once per call into a table per BYTE of codes, BT[t, i, v] =
-    Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per byte position), so a
-    row costs one lookup per byte (4 codes at 2 bits) instead of one per code;
-    otherwise one lookup per code (bytes walked at 4 and 8 bits, each code
-    extracted at 3, 5, 6, 7). Large batches: `codebook_rows` decodes tiles of
-    rows for BLAS.
+    (widths ascending, columns ascending), then + CSR outliers. For the byte-aligned
+    widths 1, 2, 4 and 8 the LUT is folded once per call into a table per BYTE of
+    codes, BT[t, i, v] = Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per byte
+    position), so a row costs one lookup per byte (4 codes at 2 bits) instead of one
+    per code, in the TILED LUT kernel (_tiled_lut, shared with AQLM):
+        y[t, r] += Σ_i BT[t, i, byte i of row r]
+    with the byte positions in tiles of 64 (tiles outer, rows inner: a tile's 64 KiB
+    of tables is read by a whole block of rows while their codes stream through).
+    Widths 3, 5, 6, 7: one lookup per code, each extracted from the bitstream.
+    Large batches: `codebook_rows` decodes tiles of rows for BLAS.
 
 additive (AQLM)
-    LUT[t, k, m, j] = x[t, k-th group] · C_m[j]  (a small GEMM per token);
-    y[t, r] = s[r] Σ_k Σ_m LUT[t, k, m, code[r, k, m]], groups outer and rows
-    inner over a group-major copy of the codes, so one group's table stays in L1.
+    LUT[t, k*M + m, j] = x[t, k-th group] · C_m[j]  (a small GEMM per token);
+    y[t, r] = s[r] Σ_k Σ_m LUT[t, k*M + m, code[r, k, m]]: the same tiled LUT kernel,
+    one table per (group, codebook) position; codebooks too large for a table
+    (1x16) use the direct kernel (Σ_m C_m[code]) · x_k.
 
 spqr: the uniform kernels, with the bilevel scales/zeros decoded once to float32.
 
 row_lut (SqueezeLLM: one table per output row)
-    y[t, r] = Σ_v lut[r, v] Σ_{c: code[r, c] = v} x[t, c]   (bucket sums, then a dot).
+    y[t, r] = Σ_c lut[r, code[r, c]] x[t, c]: the row read in units as the uniform
+    kernel does, each code looked up in the row's 2^b-entry table (vector gathers
+    from L1) and multiplied by its plane of x, in chunks of constant length.
 
 CSR outliers (refq.formats.outliers): y[t, r] += Σ_e S_val[e] x[t, S_col[e]]
     over row r's entries, ascending, after the dense part.
@@ -781,11 +786,13 @@ def _codebook_state(q):
     return _cached(q, key, build)
 
 
-# The byte tables pay off at 1 and 2 bits on every shape measured; at 4 bits a table
-# of in/2 x 256 entries (288 KiB for 576 inputs) is slower to look up than the per-code
-# LUT (36 KiB) on SmolLM2's layers (out 576 and 1536: 0.7-0.85x), and faster on
-# 4096x4096 (1.3-1.6x); at 8 bits the two are the same table.
-BYTE_TABLE_MIN_OUT = {4: 2048, 8: 0}
+# Least rows for the byte tables at 4 and 8 bits (1 and 2 bits always use them). With the
+# row-at-a-time byte kernel, 4-bit byte tables (in/2 x 256 entries) were slower than the
+# per-code LUT on SmolLM2's layers (out 576, 1536), hence a 2048-row threshold; with the
+# tiled kernel they are faster on every shape measured (576x576 0.084 vs 0.106 ms,
+# 576x1536 0.20 vs 0.38, 4096x4096 2.3 vs 5.4; BENCHMARKS.md 2026-12-01), so 0. The knob
+# stays so that tests can force either path.
+BYTE_TABLE_MIN_OUT = {4: 0, 8: 0}
 
 
 @register("cpu", "codebook")
