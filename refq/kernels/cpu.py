@@ -715,14 +715,17 @@ def _tiled_lut(K):
     """kernel(codes_t, tab, y, rows): y[t, r] += Σ_i tab[t, i, code[r, i]], the table
     lookup shared by CLAQ's byte tables and AQLM's LUT.
 
-    tab (T, nt*P, K) f32: one table of K entries per POSITION i (a byte of CLAQ codes, a
-    (group, codebook) pair of AQLM); codes_t (nt, out, P) from tile_codes. Tiles
+    tab (T, nt*P*K) f32, flat: one table of K entries per POSITION i (a byte of CLAQ codes,
+    a (group, codebook) pair of AQLM), entry v of table i at i*K + v; codes_t (nt, out, P)
+    from tile_codes. Tiles
     outer, rows inner: a tile's P tables (64 KiB at K = 256, P = 64) are read by every
     row of a block while the codes stream through once, so the whole table
     (1 MiB at 4096 inputs) is swept once per block of rows, not once per row. Per row
     and tile the P lookups are one loop of constant length P, which LLVM unrolls and,
-    where its cost model says gathers pay (AVX-512 here: vgatherqps), vectorises;
-    P = 32 stays scalar and measured 1.7x slower at 4096x4096 (BENCHMARKS.md).
+    where its cost model says gathers pay (AVX-512 here), vectorises; P = 32 stays scalar
+    and measured 1.7x slower at 4096x4096 (BENCHMARKS.md). The index within the tile,
+    i*K + code < P*K, is made an int32 so that the gathers take 16 32-bit indices
+    (vgatherdps) rather than 8 64-bit ones (vgatherqps): 0.78-0.80 ms against 0.88.
     Each row's sum runs over the tiles in order, by the one thread owning its block of
     `rows` rows, so y does not depend on `rows` or on the thread count. K (entries per
     table) is a compile-time constant: one kernel per K.
@@ -743,13 +746,13 @@ def _tiled_lut(K):
             for t in range(T):
                 acc[:] = 0.0
                 for j in range(nt):
-                    L = tab[t, j * P:(j + 1) * P]              # (P, K): this tile's tables
+                    L = tab[t, j * P * K:(j + 1) * P * K]      # this tile's P tables, flat
                     cj = codes_t[j]
                     for r in range(r0, r1):
                         c = cj[r]
                         a = np.float32(0.0)
                         for i in range(P):                   # Σ_{i in tile j} tab[t, i, code[r, i]]
-                            a += L[i, c[i]]
+                            a += L[np.int32(i * K + np.int32(c[i]))]
                         acc[r - r0] += a
                 for r in range(r0, r1):
                     y[t, r] += acc[r - r0]
@@ -807,7 +810,7 @@ def codebook_cpu(q, x2):
         if tiled is not None:                                    # byte tables, tiled codes (nt, out, P)
             bt = np.empty((T, tiled.shape[0] * LUT_TILE, 256), np.float32)   # positions past the row add 0
             _byte_tables(b)(lut, bt)
-            _run(_tiled_lut(256), work, tiled, bt, y, _tiled_rows(out, work))
+            _run(_tiled_lut(256), work, tiled, bt.reshape(T, -1), y, _tiled_rows(out, work))
         else:
             _run(_codebook_lut(b), work, qw, lut, y)
     return add_outliers(y, x2, st["csr"])
@@ -902,7 +905,7 @@ def additive_cpu(q, x2):
         lut = additive_table(x2, C, codes.shape[0] * LUT_TILE)
         y = np.zeros((T, out), np.float32)
         work = T * out * n
-        _run(_tiled_lut(C.shape[1]), work, codes, lut, y, _tiled_rows(out, work))
+        _run(_tiled_lut(C.shape[1]), work, codes, lut.reshape(T, -1), y, _tiled_rows(out, work))
         y *= st["s"]
     else:
         y = np.empty((T, out), np.float32)
