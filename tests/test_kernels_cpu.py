@@ -77,6 +77,7 @@ CASES = [
     ("additive 1x10 g6", lambda r: additive(r, 13, 36, 1, 10, 6)),            # LUT of 1024 entries
     ("additive 2x8 g8 two tiles", lambda r: additive(r, 19, 320, 2, 8, 8)),    # 80 positions: 64 + 16
     ("codebook 2 two tiles", lambda r: codebook(r, 21, 300, widths=(2,), outliers=False)),  # 75 bytes
+    ("additive 1x16 g8 direct", lambda r: additive(r, 9, 528, 1, 16, 8)),     # 66 x 2^16 > LUT max
     ("row_lut 3 + csr", lambda r: rowlut(r, 23, 301, 3, outliers=True)),      # a chunk of 32 units + 6
     ("row_lut 4", lambda r: rowlut(r, 17, 199, 4)),                          # 100 units: a chunk of 64 + 36, row ends mid-unit
 ]
@@ -313,6 +314,19 @@ def test_row_lut_every_width(bits):
         for T in (1, 3):
             x = rng.standard_normal((T, n)).astype(np.float32)
             assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL, (bits, n, T)
+
+
+def test_additive_direct_kernel(monkeypatch):
+    """The direct AQLM kernel (no LUT), forced for every weight, at several (M, g)."""
+    import refq.kernels.cpu as kc
+    monkeypatch.setattr(kc, "ADDITIVE_LUT_MAX", 0)
+    rng = np.random.default_rng(13)
+    for M, B, g, n in ((2, 8, 8, 48), (1, 10, 6, 36), (3, 4, 4, 44)):
+        q = additive(rng, 15, n, M, B, g)
+        assert not kc._additive_state(q)["lut"]
+        for T in (1, 3):
+            x = rng.standard_normal((T, n)).astype(np.float32)
+            assert rel(matmul(q, x, "cpu"), x @ q.dequantize().T) <= TOL, (M, g, T)
 
 
 def test_row_lut_and_spqr():

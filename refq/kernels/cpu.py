@@ -841,22 +841,37 @@ def codebook_rows(q, r0, r1):
 
 
 # =========================================================================== additive (AQLM)
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _additive_direct(codes, C, s, x, y):
-    """Codebooks too large for a LUT (B > 8): y[t, r] = s[r] Σ_k (Σ_m C_m[code]) · x_k."""
-    out, Kg, M = codes.shape
-    g = C.shape[2]
-    T = x.shape[0]
-    for r in prange(out):
-        for t in range(T):
-            a = np.float32(0.0)
-            for k in range(Kg):
-                for j in range(g):
-                    w = np.float32(0.0)
-                    for m in range(M):
-                        w += C[m, codes[r, k, m], j]
-                    a += w * x[t, k * g + j]
-            y[t, r] = s[r] * a
+_DIRECT_KERNELS = {}     # (M, g) -> compiled kernel
+
+
+def _additive_direct(M, g):
+    """Codebooks too large for a LUT (B > 8): kernel(codes, C, s, x, y),
+    y[t, r] = s[r] Σ_k Σ_j (Σ_m C_m[code[r, k, m], j]) x[t, k*g + j].
+    M and g are compile-time constants (one kernel per (M, g)): the group's g-wide dot
+    product unrolls and vectorises, 3.4x faster at 1x16 g8 4096x4096 than with runtime
+    M and g (32.7 -> 9.5 ms; the codebook, 2 MiB at 2^16 x 8, is read at random)."""
+    if (M, g) in _DIRECT_KERNELS:
+        return _DIRECT_KERNELS[M, g]
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(codes, C, s, x, y):
+        out, Kg, _ = codes.shape
+        T = x.shape[0]
+        for r in prange(out):
+            for t in range(T):
+                a = np.float32(0.0)
+                for k in range(Kg):
+                    ak = np.float32(0.0)
+                    for j in range(g):
+                        w = np.float32(0.0)
+                        for m in range(M):                   # W_hat / s = Σ_m C_m[code]
+                            w += C[m, codes[r, k, m], j]
+                        ak += w * x[t, k * g + j]
+                    a += ak
+                y[t, r] = s[r] * a
+
+    _DIRECT_KERNELS[M, g] = kernel
+    return kernel
 
 
 def _additive_state(q):
@@ -909,7 +924,7 @@ def additive_cpu(q, x2):
         y *= st["s"]
     else:
         y = np.empty((T, out), np.float32)
-        _run(_additive_direct, T * out * n, st["codes"], C, st["s"], x2, y)
+        _run(_additive_direct(C.shape[0], C.shape[2]), T * out * n, st["codes"], C, st["s"], x2, y)
     return y
 
 
