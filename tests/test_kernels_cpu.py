@@ -306,12 +306,13 @@ def test_tiled_lut_kernel_does_not_depend_on_the_row_blocks():
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_row_lut_every_width(bits):
     """The unit-chunk row_lut kernel at every width (units of 1, 3, 5 and 7 bytes; rows ending
-    inside a unit; whole chunks and a last shorter one) against dequantize()."""
+    inside a unit; whole chunks and a last shorter one; one token and four at once) against
+    dequantize()."""
     rng = np.random.default_rng(bits)
     for n in (13, 8 * 32 * 2 + 5):
         q = rowlut(rng, 11, n, bits)
         W = q.dequantize()
-        for T in (1, 3):
+        for T in (1, 5):                                     # 5: four tokens at once, then one
             x = rng.standard_normal((T, n)).astype(np.float32)
             assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL, (bits, n, T)
 

@@ -995,17 +995,60 @@ def _row_lut(bits):
                 tot += L[(v >> WT(bits * p)) & M] * xp[t, p, u]
         return tot
 
+    @njit(fastmath=_FM)
+    def row_dot4(row, L, xp, t):
+        """y[t:t+4, r]: tokens four at a time, each code looked up once for four products."""
+        nu = xp.shape[2]
+        M = WT(mask)
+        nfull = nu // H
+        y0 = np.float32(0.0)
+        y1 = np.float32(0.0)
+        y2 = np.float32(0.0)
+        y3 = np.float32(0.0)
+        for ch in range(nfull + 1):
+            u0 = ch * H
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            if ch < nfull:
+                for k in range(H):                      # constant trip count: vectorised
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        w = L[(v >> WT(bits * p)) & M]
+                        a0 += w * xp[t, p, u0 + k]
+                        a1 += w * xp[t + 1, p, u0 + k]
+                        a2 += w * xp[t + 2, p, u0 + k]
+                        a3 += w * xp[t + 3, p, u0 + k]
+            else:                                       # the last, shorter chunk
+                for k in range(nu - u0):
+                    v = word(row, u0 + k)
+                    for p in range(cpu):
+                        w = L[(v >> WT(bits * p)) & M]
+                        a0 += w * xp[t, p, u0 + k]
+                        a1 += w * xp[t + 1, p, u0 + k]
+                        a2 += w * xp[t + 2, p, u0 + k]
+                        a3 += w * xp[t + 3, p, u0 + k]
+            y0 += a0
+            y1 += a1
+            y2 += a2
+            y3 += a3
+        return y0, y1, y2, y3
+
     @njit(parallel=True, fastmath=_FM)
     def kernel(qw, lut, xp, y):
         out = qw.shape[0]
         T = xp.shape[0]
+        T4 = T - T % 4
         nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
         for blk in prange(nblk):
             for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
-                for t in range(T):
+                for t in range(0, T4, 4):
+                    y[t, r], y[t + 1, r], y[t + 2, r], y[t + 3, r] = row_dot4(qw[r], lut[r], xp, t)
+                for t in range(T4, T):              # the remaining tokens one at a time
                     y[t, r] = row_dot(qw[r], lut[r], xp, t)
 
-    kernel.row_functions = {"row_lut": row_dot}                    # asm checks
+    kernel.row_functions = {"row_lut": row_dot, "row_lut x4": row_dot4}     # asm checks
     _ROW_LUT_KERNELS[bits] = kernel
     return kernel
 
