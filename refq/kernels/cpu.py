@@ -752,7 +752,7 @@ def _tiled_lut(K):
                         c = cj[r]
                         a = np.float32(0.0)
                         for i in range(P):                   # Σ_{i in tile j} tab[t, i, code[r, i]]
-                            a += L[np.int32(i * K + np.int32(c[i]))]
+                            a += L[np.int32(np.int32(i * K) + np.int32(c[i]))]
                         acc[r - r0] += a
                 for r in range(r0, r1):
                     y[t, r] += acc[r - r0]
