@@ -9,7 +9,8 @@
 the same product (minimum of --repeat) three ways: back to back ("warm": the packed
 weight stays in the caches it fits in), each time after the 64 MiB copy ("after copy":
 L2 full of the copy's dirty lines), and each time after the fp32 GEMV of a dense weight
-of the same shape ("after GEMV"). Formats are those of `refq bench kernels --format`.
+of the same shape ("after GEMV"). Formats are those of `refq bench kernels --format`;
+the format "numpy" times the fp32 GEMV itself (its "after GEMV" is back to back).
 """
 import argparse
 import os
@@ -25,12 +26,13 @@ from refq.kernels.bench import build, check_format, copy_bandwidth, cpu_info, pa
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--format", action="append", required=True)
+    p.add_argument("--format", action="append", required=True, help="a refq bench kernels format, or numpy")
     p.add_argument("--shape", default="4096x4096")
     p.add_argument("--repeat", type=int, default=9)
     a = p.parse_args()
     for f in a.format:
-        check_format(f)
+        if f != "numpy":
+            check_format(f)
     info = cpu_info()
     print(f"# {info['cpu']} | ISA: {info['isa']} | numba {info['numba']} | load average {info['load']}")
     out, n = parse_shape(a.shape)
@@ -42,15 +44,19 @@ def main():
     before = {"warm": lambda: None, "after copy": lambda: copy_bandwidth(src, dst),
               "after GEMV": lambda: x @ W.T}
     for fmt in a.format:
-        q = build(fmt, rng, out, n)
-        q.matmul(x)                                   # compile / warm up
+        if fmt == "numpy":
+            product = lambda: x @ W.T                 # noqa: E731
+        else:
+            q = build(fmt, rng, out, n)
+            product = lambda: q.matmul(x)             # noqa: E731
+        product()                                     # compile / warm up
         cells = []
         for name, fn in before.items():
             ts = []
             for _ in range(a.repeat):
                 fn()
                 t = time.perf_counter()
-                q.matmul(x)
+                product()
                 ts.append(time.perf_counter() - t)
             cells.append(f"{name} {min(ts) * 1e3:6.2f} ms")
         print(f"{fmt:16s} {a.shape}: " + " | ".join(cells), flush=True)
