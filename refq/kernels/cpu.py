@@ -717,15 +717,15 @@ def _tiled_lut(K):
 
     tab (T, nt*P*K) f32, flat: one table of K entries per POSITION i (a byte of CLAQ codes,
     a (group, codebook) pair of AQLM), entry v of table i at i*K + v; codes_t (nt, out, P)
-    from tile_codes. Tiles
-    outer, rows inner: a tile's P tables (64 KiB at K = 256, P = 64) are read by every
-    row of a block while the codes stream through once, so the whole table
-    (1 MiB at 4096 inputs) is swept once per block of rows, not once per row. Per row
-    and tile the P lookups are one loop of constant length P, which LLVM unrolls and,
+    from tile_codes. Tiles outer, rows inner: a tile's P tables (64 KiB at K = 256,
+    P = 64) are read by every row of a block while the codes stream through once, so the
+    whole table (1 MiB at 4096 inputs) is swept once per block of rows, not once per row.
+    Per row and tile the P lookups are one loop of constant length P, which LLVM unrolls and,
     where its cost model says gathers pay (AVX-512 here), vectorises; P = 32 stays scalar
     and measured 1.7x slower at 4096x4096 (BENCHMARKS.md). The index within the tile,
     i*K + code < P*K, is made an int32 so that the gathers take 16 32-bit indices
-    (vgatherdps) rather than 8 64-bit ones (vgatherqps): 0.78-0.80 ms against 0.88.
+    (vgatherdps) rather than 8 64-bit ones (vgatherqps): 0.76-0.80 ms against 0.88. (The
+    int32 cast must come before the add: int32(i*K + code) still gave 64-bit indices.)
     Each row's sum runs over the tiles in order, by the one thread owning its block of
     `rows` rows, so y does not depend on `rows` or on the thread count. K (entries per
     table) is a compile-time constant: one kernel per K.
