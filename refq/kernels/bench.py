@@ -41,7 +41,7 @@ FORMATS = {
     "additive-1x16": "AQLM 1 codebook x 16 bits, groups of 8 (the direct kernel)",
     "row_lut-w3": "SqueezeLLM 3-bit per-row tables",
     "row_lut-w4": "SqueezeLLM 4-bit per-row tables",
-    # also any row_lut-wB (B = 1..8)
+    # also any row_lut-wB and codebook-wB (B = 1..8)
 }
 
 
@@ -49,9 +49,9 @@ _UNIFORM = re.compile(r"uniform-w([1-8])(?:g([1-9][0-9]*)|(row))(-act)?$")
 
 
 def check_format(fmt):
-    if fmt not in FORMATS and not _UNIFORM.match(fmt) and not re.match(r"row_lut-w[1-8]$", fmt):
+    if fmt not in FORMATS and not _UNIFORM.match(fmt) and not re.match(r"(row_lut|codebook)-w[1-8]$", fmt):
         raise RefqError(f"--format {fmt}: unknown (known: {', '.join(FORMATS)}, "
-                        "or uniform-wBgG / uniform-wBrow with an optional -act)")
+                        "or uniform-wBgG / uniform-wBrow with an optional -act, row_lut-wB, codebook-wB)")
 
 
 def build(fmt, rng, out, n):
