@@ -269,18 +269,24 @@ def test_bit_identical_with_1_and_2_threads(tmp_path):
     assert res[0].tobytes() == res[1].tobytes()
 
 
-@pytest.mark.parametrize("min_out", [0, 10 ** 9])
-def test_codebook_byte_tables_and_per_code_lut(monkeypatch, min_out):
-    """Both codebook paths at 4 and 8 bits (byte tables for every layer, or for none),
-    and the 1/2-bit byte tables, against dequantize()."""
+def test_codebook_every_width():
+    """Byte tables at every width 1..8 (digit bytes of 8/4/2/1 codes at 1/2/4/8 bits, 2 codes
+    at 3 bits, 1 at 5-7), odd column counts per width, one token and five, against
+    dequantize(); and digit_codes against the codes packed independently."""
     import refq.kernels.cpu as kc
-    monkeypatch.setattr(kc, "BYTE_TABLE_MIN_OUT", {4: min_out, 8: min_out})
     rng = np.random.default_rng(11)
-    q = codebook(rng, 29, 61, widths=(1, 2, 4, 8))
+    q = codebook(rng, 29, 161, widths=tuple(range(1, 9)))
     W = q.dequantize()
-    for T in (1, 3):
-        x = rng.standard_normal((T, 61)).astype(np.float32)
+    for T in (1, 5):
+        x = rng.standard_normal((T, 161)).astype(np.float32)
         assert rel(matmul(q, x, "cpu"), x @ W.T) <= TOL
+    codes = q.codes()
+    for b in range(1, 9):
+        cols = q.columns(b)
+        d = kc.digit_codes(np.ascontiguousarray(q.qweights[b]), b, cols.size)
+        cpb = 8 // b
+        for k in range(cols.size):                     # code k is digit k % cpb of byte k // cpb
+            assert np.array_equal((d[:, k // cpb] >> (b * (k % cpb))) & (2 ** b - 1), codes[:, cols[k]])
 
 
 def test_tiled_lut_kernel_does_not_depend_on_the_row_blocks():

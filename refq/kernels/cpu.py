@@ -63,15 +63,16 @@ uniform, uniform_sparse (RTN, GPTQ, QuantEase)
 
 codebook (CLAQ: one codebook per column, mixed widths)
     LUT[t, c, k] = x[t, c] · C_c[k]; y[t, r] = Σ_b Σ_{c of width b} LUT[t, c, code[r, c]]
-    (widths ascending, columns ascending), then + CSR outliers. For the byte-aligned
-    widths 1, 2, 4 and 8 the LUT is folded once per call into a table per BYTE of
-    codes, BT[t, i, v] = Σ_p LUT[t, i*cpb + p, digit p of v] (256 entries per byte
-    position), so a row costs one lookup per byte (4 codes at 2 bits) instead of one
-    per code, in the TILED LUT kernel (_tiled_lut, shared with AQLM):
+    (widths ascending, columns ascending), then + CSR outliers. Each width's codes are
+    read as DIGIT BYTES of cpb = 8 // b codes (digit_codes: the packed bytes at 1, 2, 4, 8
+    bits; 2 codes per byte at 3 bits, 1 at 5-7, a copy made once per weight), and the
+    LUT is folded once per call into a table per digit byte,
+        BT[t, i, v] = Σ_p LUT[t, i*cpb + p, digit p of v]    (2^(cpb*b) entries),
+    so a row costs one lookup per byte (4 codes at 2 bits), in the TILED LUT kernel
+    (_tiled_lut, shared with AQLM):
         y[t, r] += Σ_i BT[t, i, byte i of row r]
-    with the byte positions in tiles of 64 (tiles outer, rows inner: a tile's 64 KiB
-    of tables is read by a whole block of rows while their codes stream through).
-    Widths 3, 5, 6, 7: one lookup per code, each extracted from the bitstream.
+    with the byte positions in tiles of 64 (tiles outer, rows inner: a tile's tables are
+    read by a whole block of rows while their codes stream through).
     Large batches: `codebook_rows` decodes tiles of rows for BLAS.
 
 additive (AQLM)
@@ -95,6 +96,7 @@ import numpy as np
 from numba import njit, prange
 
 from refq.errors import RefqError
+from refq.formats.packing import unpack
 from refq.kernels import register
 
 _FM = {"reassoc", "contract"}
@@ -610,57 +612,14 @@ def uniform_rows(q, r0, r1):
 
 
 # =========================================================================== codebook (CLAQ)
-_LUT_KERNELS = {}        # bits -> compiled kernel
-
-
-def _codebook_lut(bits):
-    """kernel(qw, lut, y): y (T, out) += Σ_k lut[t, k, code[r, k]] for one width, one
-    lookup per code.
-
-    qw (out, nbb) uint8 codes of the n_b columns of this width; lut (T, n_b, 2^b)
-    f32 = x[t, cols[k]] * C[k, v]. Widths 1/2/4/8 walk the bytes (cpb codes per
-    byte); others extract each code from the bitstream.
-    """
-    if bits in _LUT_KERNELS:
-        return _LUT_KERNELS[bits]
-    K = 1 << bits
-    cpb = 8 // bits if 8 % bits == 0 else 0
-    mask = K - 1
-
-    @njit(parallel=True, fastmath=_FM)
-    def kernel(qw, lut, y):
-        out, nbb = qw.shape
-        T, nc = lut.shape[0], lut.shape[1]
-        M = np.int32(mask)
-        for r in prange(out):
-            row = qw[r]
-            for t in range(T):
-                L = lut[t]
-                a = np.float32(0.0)
-                if cpb > 0:
-                    nfull = nc // cpb
-                    for i in range(nfull):
-                        c = np.int32(row[i])
-                        for p in range(cpb):
-                            a += L[i * cpb + p, (c >> np.int32(bits * p)) & M]
-                    for k in range(nfull * cpb, nc):
-                        a += L[k, (np.int32(row[nfull]) >> np.int32(bits * (k - nfull * cpb))) & M]
-                else:
-                    for k in range(nc):
-                        a += L[k, _code_at(row, k, bits, M, nbb)]
-                y[t, r] += a
-
-    _LUT_KERNELS[bits] = kernel
-    return kernel
-
-
 _BYTE_TABLES = {}        # bits -> compiled table builder
 
 
 def _byte_tables(bits):
     """tables(lut, bt): bt[t, i, v] = Σ_p lut[t, i*cpb + p, (v >> bits*p) & mask] for every
-    byte value v in 0..255: what byte i of a row adds to y when it holds v (cpb = 8 / bits
-    codes per byte, least significant first; positions past the last column add 0).
+    value v < 2^(cpb*bits) of a digit byte (digit_codes): what byte i of a row adds to y
+    when it holds v (cpb = 8 // bits codes per byte, least significant first: 256 entries
+    at 1, 2, 4, 8 bits, 64 at 3 bits, 2^bits at 5-7; positions past the last column add 0).
 
     Built digit by digit: with the first p codes' table o[0 : K^p] done, the entries whose
     digit p is c are o[c K^p + v] = o[v] + lut[., i*cpb + p, c] (c descending, so o[v] is
@@ -770,8 +729,23 @@ def _tiled_rows(out, work):
 TILED_MIN_ROWS = 256     # rows per prange item of the tiled LUT kernel: at least this many
 
 
-def _uses_byte_tables(b, out):
-    return 8 % b == 0 and (b <= 2 or out >= BYTE_TABLE_MIN_OUT[b])
+def digit_codes(qw, bits, nc):
+    """The codes of one width as DIGIT BYTES, cpb = 8 // bits codes per byte (least
+    significant first): byte i = Σ_p code[i*cpb + p] << (bits*p), (out, ceil(nc / cpb))
+    uint8. At 1, 2, 4 and 8 bits these are the packed bytes themselves; at 3 bits two codes
+    per byte (6 bits used), at 5-7 bits one: the packed codes straddle bytes there, and a
+    byte per one or two codes is what lets every width use the byte tables."""
+    if 8 % bits == 0:
+        return qw
+    cpb = 8 // bits
+    codes = unpack(qw, bits, nc)                                   # (out, nc)
+    nd = -(-nc // cpb)
+    padded = np.zeros((codes.shape[0], nd * cpb), np.uint8)
+    padded[:, :nc] = codes
+    digits = np.zeros((codes.shape[0], nd), np.uint8)
+    for p in range(cpb):
+        digits |= padded[:, p::cpb] << np.uint8(bits * p)
+    return digits
 
 
 def _codebook_state(q):
@@ -780,39 +754,30 @@ def _codebook_state(q):
         widths = []
         for b in sorted(q.qweights):
             qw = np.ascontiguousarray(q.qweights[b])
-            # the byte-table path reads a tiled copy of the codes (tile_codes: same bytes, zero-padded)
-            tiled = tile_codes(qw) if _uses_byte_tables(b, qw.shape[0]) else None
-            widths.append((b, qw, tiled, q.columns(b), np.ascontiguousarray(q.codebooks[b], dtype=np.float32)))
+            cols = q.columns(b)
+            # the kernel reads a tiled copy of the digit bytes (tile_codes(digit_codes(.)))
+            tiled = tile_codes(digit_codes(qw, b, cols.size))
+            widths.append((b, qw, tiled, cols, np.ascontiguousarray(q.codebooks[b], dtype=np.float32)))
         return {"widths": widths, "csr": csr_state(q.outliers)}
     key = (q.column_bits, q.outliers) + tuple(q.qweights[b] for b in sorted(q.qweights)) \
         + tuple(q.codebooks[b] for b in sorted(q.codebooks))
     return _cached(q, key, build)
 
 
-# Least rows for the byte tables at 4 and 8 bits (1 and 2 bits always use them). With the
-# row-at-a-time byte kernel, 4-bit byte tables (in/2 x 256 entries) were slower than the
-# per-code LUT on SmolLM2's layers (out 576, 1536), hence a 2048-row threshold; with the
-# tiled kernel they are faster on every shape measured (576x576 0.084 vs 0.106 ms,
-# 576x1536 0.20 vs 0.38, 4096x4096 2.3 vs 5.4; BENCHMARKS.md 2026-12-01), so 0. The knob
-# stays so that tests can force either path.
-BYTE_TABLE_MIN_OUT = {4: 0, 8: 0}
-
-
 @register("cpu", "codebook")
 def codebook_cpu(q, x2):
+    """y = Σ_widths Σ_i BT[t, i, digit byte i of row r] (the tiled LUT kernel), + outliers."""
     st = _codebook_state(q)
     T = x2.shape[0]
     out = q.shape[0]
     y = np.zeros((T, out), np.float32)
-    for b, qw, tiled, cols, C in st["widths"]:
+    for b, _, tiled, cols, C in st["widths"]:
         lut = np.ascontiguousarray(x2[:, cols][:, :, None] * C[None])     # (T, n_b, 2^b)
+        K = 1 << (b * (8 // b))                                  # entries per byte table
+        bt = np.empty((T, tiled.shape[0] * LUT_TILE, K), np.float32)   # positions past the row add 0
+        _byte_tables(b)(lut, bt)
         work = T * out * cols.size
-        if tiled is not None:                                    # byte tables, tiled codes (nt, out, P)
-            bt = np.empty((T, tiled.shape[0] * LUT_TILE, 256), np.float32)   # positions past the row add 0
-            _byte_tables(b)(lut, bt)
-            _run(_tiled_lut(256), work, tiled, bt.reshape(T, -1), y, _tiled_rows(out, work))
-        else:
-            _run(_codebook_lut(b), work, qw, lut, y)
+        _run(_tiled_lut(K), work, tiled, bt.reshape(T, -1), y, _tiled_rows(out, work))
     return add_outliers(y, x2, st["csr"])
 
 
