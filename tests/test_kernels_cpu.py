@@ -79,7 +79,7 @@ CASES = [
     ("codebook 2 two tiles", lambda r: codebook(r, 21, 300, widths=(2,), outliers=False)),  # 75 bytes
     ("additive 1x16 g8 direct", lambda r: additive(r, 9, 528, 1, 16, 8)),     # 66 x 2^16 > LUT max
     ("row_lut 3 + csr", lambda r: rowlut(r, 23, 301, 3, outliers=True)),      # a chunk of 32 units + 6
-    ("row_lut 4", lambda r: rowlut(r, 17, 199, 4)),                          # 100 units: a chunk of 64 + 36, row ends mid-unit
+    ("row_lut 4", lambda r: rowlut(r, 17, 199, 4)),      # 100 units: a chunk of 64 + 36, ends mid-unit
 ]
 
 
