@@ -329,10 +329,13 @@ def _uniform_lanes(bits, cpw):
             for l in range(LANES):
                 a[l] = 0.0
             for w in range(gi * hw, gi * hw + hw):
-                for p in range(cpw):
-                    xc = x[t, w * cpw + p]                     # one column, all lanes
-                    for l in range(LANES):
-                        a[l] += np.float32(np.int32((wb[w, l] >> np.uint32(bits * p)) & M)) * xc
+                for l in range(LANES):
+                    v = np.uint32(wb[w, l])                    # cpw codes of row l
+                    d = np.float32(0.0)
+                    for p in range(cpw):                       # x[t, w*cpw + p]: one column, all lanes
+                        d += np.float32(np.int32(v & M)) * x[t, w * cpw + p]
+                        v = np.uint32(v >> np.uint32(bits))    # the next code to the bottom
+                    a[l] += d
             Xg = xsum[t, gi]
             for l in range(LANES):
                 yb[l] += s[gi, l] * (a[l] - z[gi, l] * Xg)
@@ -370,10 +373,13 @@ def _uniform_lanes(bits, cpw):
                     a[l] = 0
                 w0 = gi * hw + j * hb
                 for w in range(w0, min(w0 + hb, gi * hw + hw)):
-                    for p in range(cpw):
-                        xc = np.int32(xq[t, w * cpw + p])
-                        for l in range(LANES):
-                            a[l] = np.int32(a[l] + np.int32((wb[w, l] >> np.uint32(bits * p)) & M) * xc)
+                    for l in range(LANES):
+                        v = np.uint32(wb[w, l])
+                        d = np.int32(0)
+                        for p in range(cpw):
+                            d = np.int32(d + np.int32(v & M) * np.int32(xq[t, w * cpw + p]))
+                            v = np.uint32(v >> np.uint32(bits))
+                        a[l] = np.int32(a[l] + d)
                 sc = sx[t, gi * nbg + j]
                 for l in range(LANES):
                     acc[l] += sc * np.float32(a[l])
