@@ -300,6 +300,69 @@ def lane_params(v, out):
     return np.ascontiguousarray(p.reshape(nblk, LANES, -1).transpose(0, 2, 1))
 
 
+@njit(cache=True)
+def stored_x(x2, perm, ncol, G):
+    """One call that prepares x for the lane kernels (per call, few numpy operations:
+    on a small layer each costs more than the product once the caches are cold).
+
+    Returns xs (T, ncol) f32, x in stored column order (x2[:, perm] with act-order;
+    perm empty = none), zero from column n on, and xsum (T, G) f32, the sums
+    X[t, g] = Σ_{c in g} xs[t, c] over groups of ncol // G columns (in float64,
+    rounded once)."""
+    T, n = x2.shape
+    xs = np.zeros((T, ncol), np.float32)
+    for t in range(T):
+        for c in range(n):
+            xs[t, c] = x2[t, perm[c]] if perm.shape[0] > 0 else x2[t, c]
+    gs = ncol // G
+    xsum = np.empty((T, G), np.float32)
+    for t in range(T):
+        for gi in range(G):
+            acc = 0.0
+            for c in range(gi * gs, gi * gs + gs):
+                acc += xs[t, c]
+            xsum[t, gi] = acc
+    return xs, xsum
+
+
+@njit(cache=True)
+def int16_activations(xs, G, hw, hb, cpw):
+    """Quantize x per activation block to int16 with one float scale per block.
+
+    xs (T, G*hw*cpw) f32 in stored column order, zero-padded (stored_x). Group g's
+    columns are cut into blocks of hb*cpw columns from the group's start (the last
+    one of a group shorter), so no block straddles a group; over block j:
+        sx_j = max_{c in j} |x_c| / 32767,  xq_c = round(x_c / sx_j) in [-32767, 32767],
+    and x̃_c = sx_j xq_c is the activation the integer kernel multiplies by. Returns
+    xq (T, ncol) int16, sx (T, G * blocks per group) f32 and xtsum (T, G) f32,
+    X̃_g = Σ_{c in g} x̃_c (in float64, rounded once), so that the zero point sees the
+    same x̃ as the codes. |x_c - x̃_c| <= sx_j / 2 (plus float32 rounding of the scale).
+    """
+    T, ncol = xs.shape
+    nbg = (hw + hb - 1) // hb                          # blocks per group
+    xq = np.zeros((T, ncol), np.int16)
+    sx = np.empty((T, G * nbg), np.float32)
+    xtsum = np.empty((T, G), np.float32)
+    for t in range(T):
+        for gi in range(G):
+            tot = 0.0
+            for j in range(nbg):
+                c0 = (gi * hw + j * hb) * cpw
+                c1 = min(c0 + hb * cpw, (gi * hw + hw) * cpw)
+                m = np.float32(0.0)
+                for c in range(c0, c1):
+                    m = max(m, abs(xs[t, c]))
+                sc = np.float32(m / np.float32(32767))
+                sx[t, gi * nbg + j] = sc
+                safe = sc if sc > 0 else np.float32(1.0)
+                for c in range(c0, c1):
+                    v = min(max(np.rint(xs[t, c] / safe), np.float32(-32767)), np.float32(32767))
+                    xq[t, c] = np.int16(v)
+                    tot += np.float64(v) * np.float64(sc)
+            xtsum[t, gi] = tot
+    return xq, sx, xtsum
+
+
 def _uniform_lanes(bits, cpw):
     """The small-batch kernels for codes of `bits` bits, cpw to a word: "cpu" (float
     activations) and "cpu-int" (int16 activations), compiled once per (bits, cpw).
@@ -309,10 +372,13 @@ def _uniform_lanes(bits, cpw):
     (LANES) that LLVM turns into whole vectors. Numba cannot cache closures on disk:
     the first product of a new width compiles for a few seconds.
 
-    kernel(wl, s, z, x, xsum, hw, y): wl (nblocks, nw, LANES) words (lane_layout);
-    s, z (nblocks, G, LANES) f32 (lane_params); x (T, nw*cpw) f32 in stored column
-    order, zero-padded; xsum (T, G) f32, X[t, g] = Σ_{c in g} x[t, c]; hw words per
-    group (nw when G == 1); y (T, out) f32 (written).
+    kernel(wl, s, z, x2, perm, hw, y): wl (nblocks, nw, LANES) words (lane_layout);
+    s, z (nblocks, G, LANES) f32 (lane_params); x2 (T, in) f32; perm (in,) int64 or
+    empty; hw words per group (nw when G == 1); y (T, out) f32 (written). x is
+    prepared (stored_x, int16_activations) inside the same call: on small layers
+    every extra call from Python costs more than the product once caches are cold.
+    kernel.int16(wl, s, z, x2, perm, hw, hb, y) -> False (y untouched) if x has a
+    non-finite value; hb words per activation block.
     """
     key = (bits, cpw)
     if key in _LANE_KERNELS:
@@ -341,8 +407,9 @@ def _uniform_lanes(bits, cpw):
                 yb[l] += s[gi, l] * (a[l] - z[gi, l] * Xg)
 
     @njit(parallel=True, fastmath=_FM)
-    def kernel(wl, s, z, x, xsum, hw, y):
+    def kernel(wl, s, z, x2, perm, hw, y):
         T, out = y.shape
+        x, xsum = stored_x(x2, perm, wl.shape[1] * cpw, s.shape[1])
         for b in prange(wl.shape[0]):
             a = np.empty(LANES, np.float32)
             yb = np.empty(LANES, np.float32)
@@ -388,9 +455,14 @@ def _uniform_lanes(bits, cpw):
                 yb[l] += s[gi, l] * (acc[l] - z[gi, l] * Xg)
 
     @njit(parallel=True)
-    def kernel_int(wl, s, z, xq, sx, xtsum, hw, hb, y):
-        """xq (T, nw*cpw) int16; sx (T, G * blocks per group) f32; xtsum (T, G) f32."""
+    def kernel_int(wl, s, z, x2, perm, hw, hb, y):
         T, out = y.shape
+        for t in range(T):
+            for c in range(x2.shape[1]):
+                if not np.isfinite(x2[t, c]):
+                    return False
+        x = stored_x(x2, perm, wl.shape[1] * cpw, s.shape[1])[0]
+        xq, sx, xtsum = int16_activations(x, s.shape[1], hw, hb, cpw)
         for b in prange(wl.shape[0]):
             a = np.empty(LANES, np.int32)
             acc = np.empty(LANES, np.float32)
@@ -399,6 +471,7 @@ def _uniform_lanes(bits, cpw):
                 block_int(wl[b], s[b], z[b], xq, sx, xtsum, t, hw, hb, a, acc, yb)
                 for l in range(min(LANES, out - b * LANES)):
                     y[t, b * LANES + l] = yb[l]
+        return True
 
     kernel.int16 = kernel_int
     kernel.block_functions = {"float": block_dot, "int16": block_int}   # asm checks
@@ -481,27 +554,9 @@ def _lane_state(st, n):
         codes = unpack(st["qw"][:, :packed_nbytes(n, bits)], bits, n)
         wl, cpw = lane_layout(codes, bits, g, G)
         st["lanes"] = {"wl": wl, "cpw": cpw, "hw": wl.shape[1] // G,
-                       "s": lane_params(st["s"], out), "z": lane_params(st["z"], out)}
+                       "s": lane_params(st["s"], out), "z": lane_params(st["z"], out),
+                       "perm": np.zeros(0, np.int64) if st["perm"] is None else st["perm"]}
     return st["lanes"]
-
-
-def _stored_x(st, x2, ncol):
-    """x in stored column order (x[:, perm] with act-order), zero-padded to ncol columns."""
-    xs = x2 if st["perm"] is None else x2[:, st["perm"]]
-    T, n = xs.shape
-    if ncol == n:
-        return np.ascontiguousarray(xs)
-    xp = np.zeros((T, ncol), np.float32)
-    xp[:, :n] = xs
-    return xp
-
-
-def _group_sums(xs, g, G):
-    """(T, G) float32 sums of x over each group of g stored columns (xs zero-padded or not)."""
-    T, n = xs.shape
-    if n < G * g:
-        xs = np.concatenate([xs, np.zeros((T, G * g - n), np.float32)], axis=1)
-    return np.ascontiguousarray(xs[:, :G * g].reshape(T, G, g).sum(axis=2, dtype=np.float32))
 
 
 @register("cpu", "uniform", "uniform_sparse", "spqr")
@@ -510,43 +565,13 @@ def uniform_cpu(q, x2):
     out, n = q.shape
     T = x2.shape[0]
     ls = _lane_state(st, n)
-    G = st["s"].shape[1]
-    xs = _stored_x(st, x2, ls["wl"].shape[1] * ls["cpw"])
-    xsum = _group_sums(xs, st["g"] if G > 1 else xs.shape[1], G)
     y = np.empty((T, out), np.float32)
-    _run(_uniform_lanes(st["bits"], ls["cpw"]), T * out * n, ls["wl"], ls["s"], ls["z"], xs, xsum,
+    _run(_uniform_lanes(st["bits"], ls["cpw"]), T * out * n, ls["wl"], ls["s"], ls["z"], x2, ls["perm"],
          ls["hw"], y)
     return add_outliers(y, x2, st["csr"])
 
 
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
-
-
-def int16_activations(xs, G, hw, hb, cpw):
-    """Quantize x per activation block to int16 with one float scale per block.
-
-    xs (T, G*hw*cpw) f32 in stored column order, zero-padded. Group g's columns
-    are cut into blocks of hb*cpw columns from the group's start (the last one of a
-    group shorter), so no block straddles a group; over block j:
-        sx_j = max_{c in j} |x_c| / 32767,  xq_c = round(x_c / sx_j) in [-32767, 32767],
-    and x̃_c = sx_j xq_c is the activation the integer kernel multiplies by. Returns
-    xq (T, ncol) int16, sx (T, G * blocks per group) f32 and xtsum (T, G) f32,
-    X̃_g = Σ_{c in g} x̃_c, so that the zero point sees the same x̃ as the codes.
-    |x_c - x̃_c| <= sx_j / 2 (plus float32 rounding of the scale).
-    """
-    T = xs.shape[0]
-    A = hb * cpw                                     # columns per block
-    nbg = -(-hw // hb)                               # blocks per group
-    xg = np.zeros((T, G, nbg * A), np.float32)       # each group padded to whole blocks
-    xg[:, :, :hw * cpw] = xs.reshape(T, G, hw * cpw)
-    xb = xg.reshape(T, G * nbg, A)
-    sx = (np.abs(xb).max(axis=2) / np.float32(32767)).astype(np.float32)
-    safe = np.where(sx > 0, sx, np.float32(1))
-    xq = np.clip(np.rint(xb / safe[:, :, None]), -32767, 32767)
-    xt = (xq * sx[:, :, None].astype(np.float64)).reshape(T, G, nbg * A)   # x̃ (padding 0)
-    xtsum = xt.sum(axis=2).astype(np.float32)
-    xq = xq.astype(np.int16).reshape(T, G, nbg * A)[:, :, :hw * cpw].reshape(T, -1)
-    return np.ascontiguousarray(xq), sx, xtsum
 
 
 @register("cpu-int", "uniform", "uniform_sparse", "spqr")
@@ -569,16 +594,13 @@ def uniform_int_cpu(q, x2):
     st = _uniform_state(q)
     out, n = q.shape
     T = x2.shape[0]
-    if not np.isfinite(x2).all():
-        return uniform_cpu(q, x2)
     ls = _lane_state(st, n)
-    G, cpw, hw = st["s"].shape[1], ls["cpw"], ls["hw"]
+    cpw, hw = ls["cpw"], ls["hw"]
     hb = min(hw, INT_BLOCK // cpw)                   # words per activation block
-    xs = _stored_x(st, x2, ls["wl"].shape[1] * cpw)
-    xq, sx, xtsum = int16_activations(xs, G, hw, hb, cpw)
     y = np.empty((T, out), np.float32)
-    _run(_uniform_lanes(st["bits"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], xq, sx, xtsum,
-         hw, hb, y)
+    if not _run(_uniform_lanes(st["bits"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], x2,
+                ls["perm"], hw, hb, y):
+        return uniform_cpu(q, x2)                    # x has NaN or Inf
     return add_outliers(y, x2, st["csr"])
 
 
