@@ -56,7 +56,7 @@ def main():
         matmul(q, x, "cpu")
         matmul(q, x, "cpu-int")
         st = kc._uniform_state(q)
-        fns = kc._uniform_lanes(bits, st["lanes"]["cpw"]).block_functions
+        fns = kc._uniform_lanes(st["lanes"]["slot"], st["lanes"]["cpw"]).block_functions
         int_pat = r"(vpmaddwd|vpdpwssd)\s[^\n]*%[xyz]mm" if bits > 1 else r"vpaddd\s[^\n]*%[xyz]mm"
         for name, pat in (("float", r"vfmadd\w*ps\s[^\n]*%[xyz]mm"), ("int16", int_pat)):
             asm = "\n".join(fns[name].inspect_asm().values())

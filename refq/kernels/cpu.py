@@ -245,42 +245,50 @@ def _code_at(row, k, bits, M, nb):
 # ran at 0.2-0.5x the fp32 GEMV). For that the codes are repacked once per weight
 # (lane_layout, cached in the kernel state) into blocks of LANES rows:
 #     wl[b, w, l] = word w of row b*LANES + l: codes w*cpw .. w*cpw+cpw-1 of that row,
-#                   code p in bits [bits*p, bits*(p+1)) (an unsigned int, lane_geometry),
+#                   code p in bits [slot*p, slot*(p+1)) of an unsigned int (lane_geometry),
+# slot = bits rounded up to 1, 2, 4 or 8 (a 3-bit code sits in 4 bits, 8 to a uint32:
+# as many bytes as 3-byte units padded to 4, and the 3-bit kernel is the 4-bit one),
 # so the LANES rows' words for one w are contiguous and one vector load reads a word
 # of every row. For one token and one block the loop is
-#     a[l] += float(wl[b, w, l] >> (bits*p) & mask) * x[w*cpw + p]      (every lane l)
-# with x[w*cpw + p] one number broadcast to all lanes, and once per group, in vectors,
+#     a[l] += Σ_p float(wl[b, w, l] >> (slot*p) & mask) * x[w*cpw + p]   (every lane l)
+# with each x[w*cpw + p] one number broadcast to all lanes, and once per group, in
+# vectors,
 #     y[l] += s[g, l] (a[l] - z[g, l] X[g]).
 LANES = 64              # rows per block: 8 AVX2/AVX-512 vectors of float32 (32 ran 5x slower)
 INT_BLOCK = 128         # most columns per int16 activation block (int32 cannot overflow)
-_LANE_KERNELS = {}      # (bits, cpw) -> compiled kernels
+_LANE_KERNELS = {}      # (slot, cpw) -> compiled kernels
 
 
 def lane_geometry(bits, g, G):
-    """(cpw, dtype) of a word of lane_layout: cpw codes of `bits` bits, 8 (at 1 to 4
-    bits) or 4 (5 to 8 bits), halved until it divides the group size so that every
-    group starts on a word (G == 1: any); dtype the smallest unsigned integer that
-    holds them (uint8 at 1 bit, uint16 at 2, uint32 above). At most 8 codes a word:
-    the kernels' plane loop `for p in range(cpw)` is then unrolled with constant
-    shifts (with 16 codes it was not, and ran 2x slower on 64-bit shifts)."""
-    cpw = 8 if bits <= 4 else 4
+    """(slot, cpw, dtype) of a word of lane_layout: cpw codes, each in `slot` bits
+    (bits rounded up to 1, 2, 4 or 8), cpw = 8 (slots of 1 to 4 bits) or 4 (8 bits)
+    halved until it divides the group size so that every group starts on a word
+    (G == 1: any); dtype the smallest unsigned integer that holds cpw slots (uint8
+    at 1 bit, uint16 at 2, uint32 above). At most 8 codes a word: the kernels' plane
+    loop `for p in range(cpw)` is then unrolled with constant shifts (with 16 codes
+    it was not, and ran 2x slower on 64-bit shifts); power-of-two slots: LLVM then
+    fuses the int16 multiply-adds into VNNI vpdpwssd (at 3, 5, 6, 7-bit spacing it
+    did not)."""
+    slot = 1 << int(np.ceil(np.log2(bits)))
+    cpw = 8 if slot <= 4 else 4
     while G > 1 and g % cpw:
         cpw //= 2
-    nbits = cpw * bits
-    return cpw, np.uint8 if nbits <= 8 else np.uint16 if nbits <= 16 else np.uint32
+    nbits = cpw * slot
+    return slot, cpw, np.uint8 if nbits <= 8 else np.uint16 if nbits <= 16 else np.uint32
 
 
 def lane_layout(codes, bits, g, G):
     """The repacked copy of a weight's codes for the lane kernels (see above).
 
     codes (out, n) uint8 in stored column order. Returns wl (nblocks, nw, LANES)
-    of lane_geometry's dtype, and cpw. Columns are padded with code 0 to G*g (or to whole words when
-    G == 1), rows with code 0 to whole blocks; x is padded with zeros to match, so
-    padding adds nothing. Memory (groups of a multiple of 8): the packed size at
-    1, 2, 4, 8 bits, 4/3 of it at 3 and 6 bits, 8/5 at 5, 8/7 at 7 (plus padding).
+    of lane_geometry's dtype, slot and cpw. Columns are padded with code 0 to G*g
+    (or to whole words when G == 1), rows with code 0 to whole blocks; x is padded
+    with zeros to match, so padding adds nothing. Memory (groups of a multiple of 8):
+    the packed size at 1, 2, 4, 8 bits, 4/3 of it at 3 and 6 bits, 8/5 at 5, 8/7 at 7
+    (plus padding).
     """
     out, n = codes.shape
-    cpw, dtype = lane_geometry(bits, g, G)
+    slot, cpw, dtype = lane_geometry(bits, g, G)
     ncol = G * g if G > 1 else -(-n // cpw) * cpw
     nblk = -(-out // LANES)
     c = np.zeros((nblk * LANES, ncol), np.uint32)
@@ -288,8 +296,8 @@ def lane_layout(codes, bits, g, G):
     c = c.reshape(nblk * LANES, ncol // cpw, cpw)
     w = np.zeros(c.shape[:2], np.uint32)
     for p in range(cpw):
-        w |= c[:, :, p] << np.uint32(bits * p)
-    return np.ascontiguousarray(w.reshape(nblk, LANES, -1).transpose(0, 2, 1).astype(dtype)), cpw
+        w |= c[:, :, p] << np.uint32(slot * p)
+    return np.ascontiguousarray(w.reshape(nblk, LANES, -1).transpose(0, 2, 1).astype(dtype)), slot, cpw
 
 
 def lane_params(v, out):
@@ -363,11 +371,12 @@ def int16_activations(xs, G, hw, hb, cpw):
     return xq, sx, xtsum
 
 
-def _uniform_lanes(bits, cpw):
-    """The small-batch kernels for codes of `bits` bits, cpw to a word: "cpu" (float
-    activations) and "cpu-int" (int16 activations), compiled once per (bits, cpw).
+def _uniform_lanes(slot, cpw):
+    """The small-batch kernels for codes in `slot` bits, cpw to a word (lane_geometry):
+    "cpu" (float activations) and "cpu-int" (int16 activations), compiled once per
+    (slot, cpw).
 
-    bits and cpw are closure constants, so the plane loop `for p in range(cpw)` is
+    slot and cpw are closure constants, so the plane loop `for p in range(cpw)` is
     unrolled with constant shifts and the lane loops have a constant trip count
     (LANES) that LLVM turns into whole vectors. Numba cannot cache closures on disk:
     the first product of a new width compiles for a few seconds.
@@ -380,10 +389,10 @@ def _uniform_lanes(bits, cpw):
     kernel.int16(wl, s, z, x2, perm, hw, hb, y) -> False (y untouched) if x has a
     non-finite value; hb words per activation block.
     """
-    key = (bits, cpw)
+    key = (slot, cpw)
     if key in _LANE_KERNELS:
         return _LANE_KERNELS[key]
-    M = np.uint32((1 << bits) - 1)
+    M = np.uint32((1 << slot) - 1)
 
     @njit(fastmath=_FM)
     def block_dot(wb, s, z, x, xsum, t, hw, a, yb):
@@ -400,7 +409,7 @@ def _uniform_lanes(bits, cpw):
                     d = np.float32(0.0)
                     for p in range(cpw):                       # x[t, w*cpw + p]: one column, all lanes
                         d += np.float32(np.int32(v & M)) * x[t, w * cpw + p]
-                        v = np.uint32(v >> np.uint32(bits))    # the next code to the bottom
+                        v = np.uint32(v >> np.uint32(slot))    # the next code to the bottom
                     a[l] += d
             Xg = xsum[t, gi]
             for l in range(LANES):
@@ -445,7 +454,7 @@ def _uniform_lanes(bits, cpw):
                         d = np.int32(0)
                         for p in range(cpw):
                             d = np.int32(d + np.int32(v & M) * np.int32(xq[t, w * cpw + p]))
-                            v = np.uint32(v >> np.uint32(bits))
+                            v = np.uint32(v >> np.uint32(slot))
                         a[l] = np.int32(a[l] + d)
                 sc = sx[t, gi * nbg + j]
                 for l in range(LANES):
@@ -552,8 +561,8 @@ def _lane_state(st, n):
         G = st["s"].shape[1]
         bits, g = st["bits"], st["g"] if G > 1 else n
         codes = unpack(st["qw"][:, :packed_nbytes(n, bits)], bits, n)
-        wl, cpw = lane_layout(codes, bits, g, G)
-        st["lanes"] = {"wl": wl, "cpw": cpw, "hw": wl.shape[1] // G,
+        wl, slot, cpw = lane_layout(codes, bits, g, G)
+        st["lanes"] = {"wl": wl, "slot": slot, "cpw": cpw, "hw": wl.shape[1] // G,
                        "s": lane_params(st["s"], out), "z": lane_params(st["z"], out),
                        "perm": np.zeros(0, np.int64) if st["perm"] is None else st["perm"]}
     return st["lanes"]
@@ -566,7 +575,7 @@ def uniform_cpu(q, x2):
     T = x2.shape[0]
     ls = _lane_state(st, n)
     y = np.empty((T, out), np.float32)
-    _run(_uniform_lanes(st["bits"], ls["cpw"]), T * out * n, ls["wl"], ls["s"], ls["z"], x2, ls["perm"],
+    _run(_uniform_lanes(ls["slot"], ls["cpw"]), T * out * n, ls["wl"], ls["s"], ls["z"], x2, ls["perm"],
          ls["hw"], y)
     return add_outliers(y, x2, st["csr"])
 
@@ -598,7 +607,7 @@ def uniform_int_cpu(q, x2):
     cpw, hw = ls["cpw"], ls["hw"]
     hb = min(hw, INT_BLOCK // cpw)                   # words per activation block
     y = np.empty((T, out), np.float32)
-    if not _run(_uniform_lanes(st["bits"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], x2,
+    if not _run(_uniform_lanes(ls["slot"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], x2,
                 ls["perm"], hw, hb, y):
         return uniform_cpu(q, x2)                    # x has NaN or Inf
     return add_outliers(y, x2, st["csr"])
