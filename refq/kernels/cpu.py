@@ -406,11 +406,11 @@ def _uniform_lanes(slot, cpw):
             for w in range(gi * hw, gi * hw + hw):
                 for l in range(LANES):
                     v = np.uint32(wb[w, l])                    # cpw codes of row l
-                    d = np.float32(0.0)
+                    d = a[l]
                     for p in range(cpw):                       # x[t, w*cpw + p]: one column, all lanes
                         d += np.float32(np.int32(v & M)) * x[t, w * cpw + p]
                         v = np.uint32(v >> np.uint32(slot))    # the next code to the bottom
-                    a[l] += d
+                    a[l] = d
             Xg = xsum[t, gi]
             for l in range(LANES):
                 yb[l] += s[gi, l] * (a[l] - z[gi, l] * Xg)
