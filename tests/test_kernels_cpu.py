@@ -55,7 +55,7 @@ def additive(rng, out, n, M, B, g):
 CASES = [
     ("u4 g16 odd", lambda r: uniform(r, 37, 77, 4, 16)),                     # ragged last group
     ("u2 g32 sym perm", lambda r: uniform(r, 41, 128, 2, 32, sym=True, perm=True)),
-    ("u3 g20 perm", lambda r: uniform(r, 33, 100, 3, 20, perm=True)),       # 4 codes a word; tiles: bit extraction
+    ("u3 g20 perm", lambda r: uniform(r, 33, 100, 3, 20, perm=True)),       # 4 codes a word; bit-extraction tiles
     ("u3 g5 150 rows", lambda r: uniform(r, 150, 35, 3, 5)),                # 1 code a word, 3 row blocks
     ("u2 per-row 130 rows", lambda r: uniform(r, 130, 45, 2, None)),       # row padded to whole words
     ("u3 g32 perm", lambda r: uniform(r, 35, 160, 3, 32, perm=True)),       # 3-byte units, 8 codes each

@@ -24,7 +24,7 @@ between CPUs with different vector widths. NaN/Inf semantics are kept.
 
 Two kernel variants for the uniform formats (refq.kernels.matmul's `kernel`):
   "cpu"      exact: float32 activations, within ~1e-6 relative of
-             x @ dequantize().T (the default);
+             x @ dequantize().T (the default); a float multiply-add per code;
   "cpu-int"  x rounded per block of <= 128 stored columns to int16 with one
              scale per block; each block's dot product with the codes is an
              int32 multiply-add (vpmaddwd / VNNI vpdpwssd), float work once per
@@ -39,26 +39,22 @@ Formats and their kernels (x (T, in) float32, T small; y (T, out)):
 uniform, uniform_sparse (RTN, GPTQ, QuantEase)
     W_hat[r, c] = s[r, g(c)] (q[r, c] - z[r, g(c)]), so
         y[t, r] = Σ_g s[r, g] (Σ_{c in g} q[r, c] x[t, c]  -  z[r, g] X[t, g])
-    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. A packed row is
-    read in UNITS, the fewest whole bytes that hold whole codes (unit_geometry:
-    1 byte = 8/4/2/1 codes at 1/2/4/8 bits, 3 bytes = 8 codes at 3 bits, 4 at 6
-    bits, 5 bytes = 8 codes at 5 bits, 7 bytes = 8 at 7 bits): unit u, read as
-    one little-endian integer v, holds the codes of stored columns
-    u*cpu .. u*cpu+cpu-1 (cpu = codes per unit, least significant first). x is
-    split once per call into cpu planes xp[t, p, u] = x[t, u*cpu + p] and the
-    inner loop is
-        a += float(v >> (bits*p) & mask) * xp[t, p, u]
-    over the units of one group, a loop whose length is a compile-time
-    constant (a closure constant: one kernel per (bits, units per group)),
-    which LLVM unrolls and vectorises; tokens go four at a time so each unit is
-    decoded once per four dot products. This needs groups that start on a
-    unit (g a multiple of cpu: any g % 8 == 0 works for every width) or one
-    group per row; other group sizes use the bit-extraction kernel (any
-    layout, ~10-30x slower: it was the only 3-bit path before, 0.09x the
-    fp32 GEMV). With act-order `perm`, x is permuted into stored order first
-    (x[:, perm]). Batches from 6 (<= 2 bits) or 12 tokens
-    (refq.kernels.BLAS_MIN_BATCH): dequantize tiles of rows with
-    `uniform_rows` and multiply by BLAS. `uniform_sparse` adds the CSR
+    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. Small batches
+    vectorise ACROSS ROWS: a vector lane holds one output row, so no dot
+    product ends in a horizontal reduction. The codes are repacked once per
+    weight (lane_layout; kept in the kernel state: about the packed size
+    again, 4/3 of it at 3 bits) into blocks of LANES = 64 rows, word w of
+    row l holding cpw codes (8, or 4 at 5-8 bits) in slots of 1, 2, 4 or 8
+    bits (a 3-bit code in 4), and for each word the loop over the 64 lanes is
+        a[l] += Σ_p float(word[l] >> (slot*p) & mask) * x[t, w*cpw + p]
+    with x[t, w*cpw + p] one number broadcast to every lane; once per group,
+    in vectors, y[l] += s[g, l] (a[l] - z[g, l] X[g]). Any group size works
+    (cpw halves until it divides it). With act-order `perm`, x is gathered
+    into stored order (x[:, perm]) in the same call (stored_x). Batches from
+    6 (<= 2 bits) or 12 tokens (refq.kernels.BLAS_MIN_BATCH): dequantize
+    tiles of rows with `uniform_rows` (read in UNITS, the fewest whole bytes
+    holding whole codes, unit_geometry; bit extraction for group sizes that
+    split a unit) and multiply by BLAS. `uniform_sparse` adds the CSR
     outliers (below).
 
 codebook (CLAQ: one codebook per column, mixed widths)
@@ -510,10 +506,12 @@ def _uniform_rows(qw, s, z, perm, r0, r1, bits, g, W):
 
 
 def _uniform_like(q, qw, s, z, perm, bits, g, csr):
-    """Kernel state. mode "units" (groups start on a unit boundary, or one group per
-    row): qw padded with zero bytes to whole units when the row ends inside one (a
-    copy, only for shapes where in * bits is not a multiple of 8 * unit bytes);
-    otherwise mode "bits", the bit-extraction kernel."""
+    """Kernel state. The row-tile decoder of the BLAS path (uniform_rows) reads units
+    in mode "units" (groups start on a unit boundary, or one group per row): qw is
+    padded with zero bytes to whole units when the row ends inside one (a copy, only
+    for shapes where in * bits is not a multiple of 8 * unit bytes); otherwise mode
+    "bits", bit extraction. The small-batch lane kernels' copy ("lanes") is added by
+    _lane_state on the first small-batch product."""
     out, n = q.shape
     ub, cpu = unit_geometry(bits)
     G = s.shape[1]
