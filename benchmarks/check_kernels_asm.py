@@ -11,7 +11,8 @@ block_int; Dispatcher.inspect_asm) and counts vector instructions:
                 1 bit a code is 0 or 1 and LLVM adds x under a bit mask instead
                 (vpaddd ... {%k}: AVX-512 masked adds, or vpand + vpaddd on AVX2)
 It exits 1 when a kernel has none (the loop fell back to scalar code: the speed
-then drops 5-20x). Verified with the versions in VERIFIED below; other numba /
+then drops 5-20x), or has no software prefetch (refq.kernels.cpu.prefetch, an
+llvm.prefetch intrinsic: without it layers not in cache ran 1.5-2.4x slower). Verified with the versions in VERIFIED below; other numba /
 llvmlite versions may vectorise differently, which is what this script is for.
 """
 import argparse
@@ -63,6 +64,8 @@ def main():
             c = count(asm, pat)
             width = "zmm" if count(asm, r"%zmm") else "ymm" if count(asm, r"%ymm") else "xmm"
             extra = f", VNNI vpdpwssd: {count(asm, 'vpdpwssd')}" if name == "int16" else ""
+            extra += f", prefetches: {count(asm, r'prefetch')}"
+            ok &= count(asm, r"prefetch") > 0
             what = "vector adds" if name == "int16" and bits == 1 else "vector multiply-adds"
             print(f"w{bits} {name:6s}: {c:3d} {what} ({width} registers{extra})")
             ok &= c > 0
