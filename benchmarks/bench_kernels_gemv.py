@@ -7,8 +7,12 @@
 For every (shape, bits, group, act-order) a random uniform weight (codes uniform
 over their range) is timed through refq.kernels.matmul with each --kernels entry,
 interleaved with the numpy fp32 product x @ W.T of a dense weight of the same
-shape (and a 64 MiB copy for the bandwidth yardstick), so a busy machine slows
-all alike. --rounds repeats the whole sweep; the MINIMUM over all repetitions of
+shape, so a busy machine slows all alike. A 64 MiB copy (the bandwidth
+yardstick) runs before EVERY timed product, so each starts with the caches as
+a decoding step finds them, holding other layers' data: without it the second
+kernel of a pair found the weight the first had just read in cache (the "cpu"
+and "cpu-int" kernels share their repacked codes) and small layers found the
+Python and numba call path warm. --rounds repeats the whole sweep; the MINIMUM over all repetitions of
 all rounds is reported (on a shared machine the minimum is the best estimate of
 what the code can do), with speed-ups as ratios of minima from the same run.
 The first line names the CPU, the ISA numba compiles for, the thread counts and
@@ -78,13 +82,14 @@ def main():
         for c in configs:
             for _ in range(a.repeat):
                 for k in kernels:
+                    c["copy"].append(copy_bandwidth(src, dst))
                     t = time.perf_counter()
                     matmul(c["q"], c["x"], k)
                     c["t"][k].append(time.perf_counter() - t)
+                c["copy"].append(copy_bandwidth(src, dst))
                 t = time.perf_counter()
                 _ = c["x"] @ c["W"].T
                 c["t"]["numpy"].append(time.perf_counter() - t)
-                c["copy"].append(copy_bandwidth(src, dst))
     rows = []
     for c in configs:
         q = c["q"]

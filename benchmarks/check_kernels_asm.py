@@ -1,14 +1,18 @@
 """Check that numba compiled the uniform kernels' inner loops to vector code.
 
-    python benchmarks/check_kernels_asm.py [--bits 2,3,4,8]
+    python benchmarks/check_kernels_asm.py [--bits 1,2,3,4,5,6,7,8]
 
 For each width it runs the "cpu" and "cpu-int" kernels once on a 256x1024 weight
-(groups of 128), then reads the assembly numba generated for the per-row functions
-(Dispatcher.inspect_asm) and counts vector instructions:
+(groups of 128), then reads the assembly numba generated for the functions that
+compute one block of LANES rows (refq.kernels.cpu._uniform_lanes: block_dot and
+block_int; Dispatcher.inspect_asm) and counts vector instructions:
   float kernel: packed FMAs (vfmadd...ps on xmm/ymm/zmm registers)
-  int16 kernel: int16 multiply-adds into int32 (vpmaddwd, or VNNI vpdpwssd)
+  int16 kernel: int16 multiply-adds into int32 (vpmaddwd, or VNNI vpdpwssd); at
+                1 bit a code is 0 or 1 and LLVM adds x under a bit mask instead
+                (vpaddd ... {%k}: AVX-512 masked adds, or vpand + vpaddd on AVX2)
 It exits 1 when a kernel has none (the loop fell back to scalar code: the speed
-then drops 5-20x). Verified with the versions in VERIFIED below; other numba /
+then drops 5-20x), or has no software prefetch (refq.kernels.cpu.prefetch, an
+llvm.prefetch intrinsic: without it layers not in cache ran 1.5-2.4x slower). Verified with the versions in VERIFIED below; other numba /
 llvmlite versions may vectorise differently, which is what this script is for.
 """
 import argparse
@@ -29,7 +33,7 @@ def count(asm, pattern):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--bits", default="2,3,4,8")
+    p.add_argument("--bits", default="1,2,3,4,5,6,7,8")
     a = p.parse_args()
     import llvmlite
     import numba
@@ -53,13 +57,17 @@ def main():
         matmul(q, x, "cpu")
         matmul(q, x, "cpu-int")
         st = kc._uniform_state(q)
-        fns = kc._uniform_units(bits, st["h"]).row_functions
-        for name, pat in (("float", r"vfmadd\w*ps\s[^\n]*%[xyz]mm"), ("int16", r"(vpmaddwd|vpdpwssd)\s[^\n]*%[xyz]mm")):
+        fns = kc._uniform_lanes(st["lanes"]["slot"], st["lanes"]["cpw"]).block_functions
+        int_pat = r"(vpmaddwd|vpdpwssd)\s[^\n]*%[xyz]mm" if bits > 1 else r"vpaddd\s[^\n]*%[xyz]mm"
+        for name, pat in (("float", r"vfmadd\w*ps\s[^\n]*%[xyz]mm"), ("int16", int_pat)):
             asm = "\n".join(fns[name].inspect_asm().values())
             c = count(asm, pat)
             width = "zmm" if count(asm, r"%zmm") else "ymm" if count(asm, r"%ymm") else "xmm"
             extra = f", VNNI vpdpwssd: {count(asm, 'vpdpwssd')}" if name == "int16" else ""
-            print(f"w{bits} {name:6s}: {c:3d} vector multiply-adds ({width} registers{extra})")
+            extra += f", prefetches: {count(asm, r'prefetch')}"
+            ok &= count(asm, r"prefetch") > 0
+            what = "vector adds" if name == "int16" and bits == 1 else "vector multiply-adds"
+            print(f"w{bits} {name:6s}: {c:3d} {what} ({width} registers{extra})")
             ok &= c > 0
     print("OK: every inner loop is vectorised" if ok else "FAIL: a kernel has no vector multiply-add")
     return 0 if ok else 1

@@ -56,11 +56,15 @@ def rowlut(rng, out, n, bits, outliers=False):
 
 
 # (name, builder) over odd shapes; widths chosen to cover every kernel path while
-# keeping the number of numba compilations (one per (bits, group bytes)) small
+# keeping the number of numba compilations small. Small batches run the lane kernels
+# (rows padded to blocks of 64, 8 or 4 codes a word, fewer when the group size needs);
+# batches from 6/12 tokens decode row tiles by units or by bit extraction for BLAS.
 CASES = [
-    ("u4 g16 odd", lambda r: uniform(r, 37, 77, 4, 16)),                     # bytes kernel, ragged last group
+    ("u4 g16 odd", lambda r: uniform(r, 37, 77, 4, 16)),                     # ragged last group
     ("u2 g32 sym perm", lambda r: uniform(r, 41, 128, 2, 32, sym=True, perm=True)),
-    ("u3 g20 perm", lambda r: uniform(r, 33, 100, 3, 20, perm=True)),       # bit-extraction kernel
+    ("u3 g20 perm", lambda r: uniform(r, 33, 100, 3, 20, perm=True)),       # 4 codes a word; bit-extraction tiles
+    ("u3 g5 150 rows", lambda r: uniform(r, 150, 35, 3, 5)),                # 1 code a word, 3 row blocks
+    ("u2 per-row 130 rows", lambda r: uniform(r, 130, 45, 2, None)),       # row padded to whole words
     ("u3 g32 perm", lambda r: uniform(r, 35, 160, 3, 32, perm=True)),       # 3-byte units, 8 codes each
     ("u3 per-row odd", lambda r: uniform(r, 18, 77, 3, None)),              # row ends inside a unit
     ("u3 g32 ragged", lambda r: uniform(r, 17, 100, 3, 32)),                # last group 4 columns
@@ -97,9 +101,10 @@ def test_kernel_equals_dequantize(name, build):
 
 
 def test_units_kernel_is_the_path_for_3_bits():
-    """3-bit weights with groups of a multiple of 8 (or one group per row) run the unit
-    kernel (8 codes per 3 bytes), not the bit-extraction walk; a group size that splits
-    a unit (20) falls back to it. Both against dequantize()."""
+    """3-bit weights with groups of a multiple of 8 (or one group per row) decode row
+    tiles for the BLAS path by units (8 codes per 3 bytes), not by the bit-extraction
+    walk; a group size that splits a unit (20) falls back to it. Both against
+    dequantize()."""
     import refq.kernels.cpu as kc
     rng = np.random.default_rng(12)
     for g, mode in ((128, "units"), (None, "units"), (24, "units"), (20, "bits")):
@@ -107,6 +112,35 @@ def test_units_kernel_is_the_path_for_3_bits():
         assert kc._uniform_state(q)["mode"] == mode, g
         x = rng.standard_normal((3, 256)).astype(np.float32)
         assert rel(matmul(q, x), x @ q.dequantize().T) <= TOL
+
+
+@pytest.mark.parametrize("bits,g,geometry", [
+    (1, 128, (1, 8, np.uint8)), (2, 128, (2, 8, np.uint16)), (3, 128, (4, 8, np.uint32)),
+    (4, None, (4, 8, np.uint32)), (5, 16, (8, 4, np.uint32)), (6, 8, (8, 4, np.uint32)),
+    (7, 8, (8, 4, np.uint32)), (8, 64, (8, 4, np.uint32)), (3, 20, (4, 4, np.uint16)),
+    (2, 6, (2, 2, np.uint8)), (3, 5, (4, 1, np.uint8))])
+def test_lane_layout_holds_every_code(bits, g, geometry):
+    """The lane kernels' repacked copy, read back code by code with the layout's
+    definition (word w of row r in wl[r // 64, w, r % 64], code p of a word in bits
+    [slot*p, slot*(p+1))), gives the codes that unpack() reads from qweight; padding
+    rows and columns hold code 0. The geometry is the one lane_geometry documents."""
+    import refq.kernels.cpu as kc
+    rng = np.random.default_rng(bits)
+    out, n = 70, 40
+    q = uniform(rng, out, n, bits, g)
+    G = q.scales.shape[1]
+    assert kc.lane_geometry(bits, g or n, G) == geometry
+    codes = q.codes()
+    wl, slot, cpw = kc.lane_layout(codes, bits, g or n, G)
+    assert (slot, cpw, wl.dtype) == geometry
+    assert wl.shape[0] * kc.LANES >= out and wl.shape[1] * cpw >= n
+    back = np.zeros((wl.shape[0] * kc.LANES, wl.shape[1] * cpw), np.int64)
+    for r in range(back.shape[0]):
+        for c in range(back.shape[1]):
+            word = int(wl[r // kc.LANES, c // cpw, r % kc.LANES])
+            back[r, c] = (word >> (slot * (c % cpw))) & ((1 << slot) - 1)
+    assert np.array_equal(back[:out, :n], codes)
+    assert not back[out:].any() and not back[:, n:].any()
 
 
 def test_blas_path_and_small_path_agree(monkeypatch):

@@ -24,7 +24,7 @@ between CPUs with different vector widths. NaN/Inf semantics are kept.
 
 Two kernel variants for the uniform formats (refq.kernels.matmul's `kernel`):
   "cpu"      exact: float32 activations, within ~1e-6 relative of
-             x @ dequantize().T (the default);
+             x @ dequantize().T (the default); a float multiply-add per code;
   "cpu-int"  x rounded per block of <= 128 stored columns to int16 with one
              scale per block; each block's dot product with the codes is an
              int32 multiply-add (vpmaddwd / VNNI vpdpwssd), float work once per
@@ -39,26 +39,22 @@ Formats and their kernels (x (T, in) float32, T small; y (T, out)):
 uniform, uniform_sparse (RTN, GPTQ, QuantEase)
     W_hat[r, c] = s[r, g(c)] (q[r, c] - z[r, g(c)]), so
         y[t, r] = Σ_g s[r, g] (Σ_{c in g} q[r, c] x[t, c]  -  z[r, g] X[t, g])
-    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. A packed row is
-    read in UNITS, the fewest whole bytes that hold whole codes (unit_geometry:
-    1 byte = 8/4/2/1 codes at 1/2/4/8 bits, 3 bytes = 8 codes at 3 bits, 4 at 6
-    bits, 5 bytes = 8 codes at 5 bits, 7 bytes = 8 at 7 bits): unit u, read as
-    one little-endian integer v, holds the codes of stored columns
-    u*cpu .. u*cpu+cpu-1 (cpu = codes per unit, least significant first). x is
-    split once per call into cpu planes xp[t, p, u] = x[t, u*cpu + p] and the
-    inner loop is
-        a += float(v >> (bits*p) & mask) * xp[t, p, u]
-    over the units of one group, a loop whose length is a compile-time
-    constant (a closure constant: one kernel per (bits, units per group)),
-    which LLVM unrolls and vectorises; tokens go four at a time so each unit is
-    decoded once per four dot products. This needs groups that start on a
-    unit (g a multiple of cpu: any g % 8 == 0 works for every width) or one
-    group per row; other group sizes use the bit-extraction kernel (any
-    layout, ~10-30x slower: it was the only 3-bit path before, 0.09x the
-    fp32 GEMV). With act-order `perm`, x is permuted into stored order first
-    (x[:, perm]). Batches from 6 (<= 2 bits) or 12 tokens
-    (refq.kernels.BLAS_MIN_BATCH): dequantize tiles of rows with
-    `uniform_rows` and multiply by BLAS. `uniform_sparse` adds the CSR
+    with X[t, g] = Σ_{c in g} x[t, c] computed once per token. Small batches
+    vectorise ACROSS ROWS: a vector lane holds one output row, so no dot
+    product ends in a horizontal reduction. The codes are repacked once per
+    weight (lane_layout; kept in the kernel state: about the packed size
+    again, 4/3 of it at 3 bits) into blocks of LANES = 64 rows, word w of
+    row l holding cpw codes (8, or 4 at 5-8 bits) in slots of 1, 2, 4 or 8
+    bits (a 3-bit code in 4), and for each word the loop over the 64 lanes is
+        a[l] += Σ_p float(word[l] >> (slot*p) & mask) * x[t, w*cpw + p]
+    with x[t, w*cpw + p] one number broadcast to every lane; once per group,
+    in vectors, y[l] += s[g, l] (a[l] - z[g, l] X[g]). Any group size works
+    (cpw halves until it divides it). With act-order `perm`, x is gathered
+    into stored order (x[:, perm]) in the same call (stored_x). Batches from
+    6 (<= 2 bits) or 12 tokens (refq.kernels.BLAS_MIN_BATCH): dequantize
+    tiles of rows with `uniform_rows` (read in UNITS, the fewest whole bytes
+    holding whole codes, unit_geometry; bit extraction for group sizes that
+    split a unit) and multiply by BLAS. `uniform_sparse` adds the CSR
     outliers (below).
 
 codebook (CLAQ: one codebook per column, mixed widths)
@@ -95,8 +91,12 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
 from refq.errors import RefqError
-from refq.formats.packing import unpack
+from refq.formats.packing import packed_nbytes, unpack
 from refq.kernels import register
 
 _FM = {"reassoc", "contract"}
@@ -190,32 +190,12 @@ def unit_geometry(bits):
     return L // 8, L // bits
 
 
-INT_BLOCK = 128         # most columns per int16 activation block (int32 cannot overflow)
-
-
-def int_block_units(h, cpu):
-    """Units per activation block of the integer kernel: the largest divisor of the
-    group's h units that spans at most INT_BLOCK columns, so blocks never straddle
-    a weight group and 255 * 32767 * INT_BLOCK < 2^31."""
-    return max(d for d in range(1, h + 1) if h % d == 0 and d * cpu <= INT_BLOCK) \
-        if cpu <= INT_BLOCK else 1
-
-
-def _uniform_units(bits, h):
-    """The kernel for groups of h whole units (see unit_geometry), compiled once per (bits, h).
-
-    bits and h are closure constants, so the group loops have compile-time trip
-    counts that LLVM unrolls and vectorises (numba.literally arguments stay
-    runtime values and ran ~30x slower). Numba cannot cache closures on disk:
-    the first product of a new (bits, group size) compiles for a few seconds.
-
-    The per-row work is a plain (serial) function called from the `prange` over
-    blocks of rows: written inline in the parallel loop, the 3-byte word reads of
-    3 bits were not vectorised (46 ms against 3.8 ms for 4096x4096, measured).
-
-    kernel(qw, s, z, xp, xsum, y): qw (out, >= nu*ub) uint8; s, z (out, G) f32;
-    xp (T, cpu, nu) f32 planes of x in stored column order, xp[t, p, u] =
-    x[t, u*cpu + p] (zero past in); xsum (T, G) f32; y (T, out) f32 (written).
+def _unit_rows(bits, h):
+    """Row-tile decoder for groups of h whole units (see unit_geometry), compiled once
+    per (bits, h): rows(qw, s, z, r0, r1, W) writes W (r1-r0, nu*cpu) = W_hat[r0:r1]
+    in STORED column order (padding columns too), for the BLAS path of larger batches
+    (uniform_rows). bits and h are closure constants, so the unit loops have
+    compile-time trip counts. qw (out, >= nu*ub) uint8; s, z (out, G) f32.
     """
     key = (bits, h)
     if key in _UNIT_KERNELS:
@@ -223,7 +203,6 @@ def _uniform_units(bits, h):
     ub, cpu = unit_geometry(bits)
     mask = (1 << bits) - 1
     WT = np.int32 if ub <= 3 else np.int64          # a unit is <= 24 bits, or 40 / 56
-    hb = int_block_units(h, cpu)                    # units per activation block (cpu-int)
 
     @njit(inline="always")
     def word(row, u):
@@ -234,94 +213,8 @@ def _uniform_units(bits, h):
             v |= WT(row[i + j]) << WT(8 * j)
         return v
 
-    @njit(fastmath=_FM)
-    def row_dot1(row, s, z, xp, xsum, t):
-        """y[t, r] for one row: Σ_g s_g (Σ_{c in g} q_c x_c - z_g X_g)."""
-        G = s.shape[0]
-        nu = xp.shape[2]
-        M = WT(mask)
-        tot = np.float32(0.0)
-        for gi in range(G):
-            u0 = gi * h
-            a = np.float32(0.0)
-            if u0 + h <= nu and cpu == 2 and ub == 1:
-                # 4 bits: one plane at a time, each its own vector chain (1.4x, measured)
-                for p in range(cpu):
-                    ap = np.float32(0.0)
-                    for k in range(h):
-                        ap += np.float32((word(row, u0 + k) >> WT(bits * p)) & M) * xp[t, p, u0 + k]
-                    a += ap
-            elif u0 + h <= nu:                  # full group: constant trip count
-                for k in range(h):              # (planes inner: 2x faster at 2 bits)
-                    v = word(row, u0 + k)
-                    for p in range(cpu):
-                        a += np.float32((v >> WT(bits * p)) & M) * xp[t, p, u0 + k]
-            else:                               # the last, shorter group
-                for k in range(nu - u0):
-                    v = word(row, u0 + k)
-                    for p in range(cpu):
-                        a += np.float32((v >> WT(bits * p)) & M) * xp[t, p, u0 + k]
-            tot += s[gi] * (a - z[gi] * xsum[t, gi])
-        return tot
-
-    @njit(fastmath=_FM)
-    def row_dot4(row, s, z, xp, xsum, t):
-        """y[t:t+4, r]: tokens four at a time, each code decoded once for four dot products."""
-        G = s.shape[0]
-        nu = xp.shape[2]
-        M = WT(mask)
-        y0 = np.float32(0.0)
-        y1 = np.float32(0.0)
-        y2 = np.float32(0.0)
-        y3 = np.float32(0.0)
-        for gi in range(G):
-            u0 = gi * h
-            hu = h if u0 + h <= nu else nu - u0
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            if hu == h:                         # full group: constant trip count
-                for k in range(h):
-                    v = word(row, u0 + k)
-                    for p in range(cpu):
-                        c = np.float32((v >> WT(bits * p)) & M)
-                        a0 += c * xp[t, p, u0 + k]
-                        a1 += c * xp[t + 1, p, u0 + k]
-                        a2 += c * xp[t + 2, p, u0 + k]
-                        a3 += c * xp[t + 3, p, u0 + k]
-            else:
-                for k in range(hu):
-                    v = word(row, u0 + k)
-                    for p in range(cpu):
-                        c = np.float32((v >> WT(bits * p)) & M)
-                        a0 += c * xp[t, p, u0 + k]
-                        a1 += c * xp[t + 1, p, u0 + k]
-                        a2 += c * xp[t + 2, p, u0 + k]
-                        a3 += c * xp[t + 3, p, u0 + k]
-            sc, zr = s[gi], z[gi]
-            y0 += sc * (a0 - zr * xsum[t, gi])
-            y1 += sc * (a1 - zr * xsum[t + 1, gi])
-            y2 += sc * (a2 - zr * xsum[t + 2, gi])
-            y3 += sc * (a3 - zr * xsum[t + 3, gi])
-        return y0, y1, y2, y3
-
-    @njit(parallel=True, fastmath=_FM)
-    def kernel(qw, s, z, xp, xsum, y):
-        out = qw.shape[0]
-        T = xp.shape[0]
-        T4 = T - T % 4
-        nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
-        for blk in prange(nblk):
-            for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
-                for t in range(0, T4, 4):
-                    y[t, r], y[t + 1, r], y[t + 2, r], y[t + 3, r] = row_dot4(qw[r], s[r], z[r], xp, xsum, t)
-                for t in range(T4, T):              # the remaining tokens one at a time
-                    y[t, r] = row_dot1(qw[r], s[r], z[r], xp, xsum, t)
-
     @njit(parallel=True)
     def rows(qw, s, z, r0, r1, W):
-        """W (r1-r0, nu*cpu) = W_hat[r0:r1] in STORED column order (padding columns too)."""
         G = s.shape[1]
         nu = W.shape[1] // cpu
         M = WT(mask)
@@ -336,62 +229,8 @@ def _uniform_units(bits, h):
                     for p in range(cpu):
                         W[i, (u0 + k) * cpu + p] = sc * (np.float32((v >> WT(bits * p)) & M) - zr)
 
-    nbg = h // hb                                   # activation blocks per weight group
-
-    @njit
-    def row_int(row, s, z, xq, sx, xtsum, t):
-        """y[t, r] with int16 activations (the "cpu-int" variant, see uniform_int_cpu):
-        per activation block b (hb units, never across a group) an exact int32 dot
-        product Σ q_c xq_c, scaled once by the block's sx; at the end of each group
-        y += s_g (Σ_b sx_b (Σ q xq) - z_g X̃_g).
-
-        Every integer result is cast back to int32 (numba widens int arithmetic to
-        int64, which LLVM then does not vectorise as well): |Σ q xq| <= 128 * 255 *
-        32767 < 2^31, so nothing overflows. One flat loop over blocks: a loop over
-        groups with the blocks nested inside ran 10-15x slower (not vectorised).
-        """
-        nu = xq.shape[2]
-        nblk = sx.shape[1]
-        M = WT(mask)
-        tot = np.float32(0.0)
-        acc = np.float32(0.0)
-        for b in range(nblk):
-            b0 = b * hb
-            a = np.int32(0)
-            if b0 + hb <= nu:                    # full block: constant trip count
-                for k in range(hb):
-                    v = word(row, b0 + k)
-                    for p in range(cpu):
-                        a = np.int32(a + np.int32((v >> WT(bits * p)) & M) * np.int32(xq[t, p, b0 + k]))
-            else:                                # the row's last, shorter block
-                for k in range(nu - b0):
-                    v = word(row, b0 + k)
-                    for p in range(cpu):
-                        a = np.int32(a + np.int32((v >> WT(bits * p)) & M) * np.int32(xq[t, p, b0 + k]))
-            acc += sx[t, b] * np.float32(a)
-            if (b + 1) % nbg == 0 or b == nblk - 1:  # end of a group
-                gi = b // nbg
-                tot += s[gi] * (acc - z[gi] * xtsum[t, gi])
-                acc = np.float32(0.0)
-        return tot
-
-    @njit(parallel=True)
-    def kernel_int(qw, s, z, xq, sx, xtsum, y):
-        """xq (T, cpu, nu) int16 planes; sx (T, nblocks) f32; xtsum (T, G) f32; y written."""
-        out = qw.shape[0]
-        T = xq.shape[0]
-        nblk = (out + ROW_BLOCK - 1) // ROW_BLOCK
-        for blk in prange(nblk):
-            for r in range(blk * ROW_BLOCK, min(out, blk * ROW_BLOCK + ROW_BLOCK)):
-                for t in range(T):
-                    y[t, r] = row_int(qw[r], s[r], z[r], xq, sx, xtsum, t)
-
-    kernel.rows = rows
-    kernel.int16 = kernel_int
-    kernel.block_units = hb
-    kernel.row_functions = {"float": row_dot1, "float x4": row_dot4, "int16": row_int}  # asm checks
-    _UNIT_KERNELS[key] = kernel
-    return kernel
+    _UNIT_KERNELS[key] = rows
+    return rows
 
 
 @njit(inline="always")
@@ -405,28 +244,284 @@ def _code_at(row, k, bits, M, nb):
     return (v >> np.int32(bit & 7)) & M
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _uniform_bits(qw, s, z, x, xsum, y, bits, g):
-    """Any width and group size: codes extracted one by one from the bitstream.
+# --------------------------------------------------------------------------- batch-1 kernels
+# The small-batch kernels vectorise ACROSS ROWS: a vector lane holds one output row,
+# never a column, so no dot product ends in a horizontal reduction (the old row-wise
+# loop reduced a vector to a scalar for every group of every row, and groups of 32
+# ran at 0.2-0.5x the fp32 GEMV). For that the codes are repacked once per weight
+# (lane_layout, cached in the kernel state) into blocks of LANES rows:
+#     wl[b, w, l] = word w of row b*LANES + l: codes w*cpw .. w*cpw+cpw-1 of that row,
+#                   code p in bits [slot*p, slot*(p+1)) of an unsigned int (lane_geometry),
+# slot = bits rounded up to 1, 2, 4 or 8 (a 3-bit code sits in 4 bits, 8 to a uint32:
+# as many bytes as 3-byte units padded to 4, and the 3-bit kernel is the 4-bit one),
+# so the LANES rows' words for one w are contiguous and one vector load reads a word
+# of every row. For one token and one block the loop is
+#     a[l] += Σ_p float(wl[b, w, l] >> (slot*p) & mask) * x[w*cpw + p]   (every lane l)
+# with each x[w*cpw + p] one number broadcast to all lanes, and once per group, in
+# vectors,
+#     y[l] += s[g, l] (a[l] - z[g, l] X[g]).
+LANES = 64              # rows per block: 8 AVX2/AVX-512 vectors of float32 (32 ran 5x slower)
+INT_BLOCK = 128         # most columns per int16 activation block (int32 cannot overflow)
+_LANE_KERNELS = {}      # (slot, cpw) -> compiled kernels
 
-    x (T, in) in stored column order; xsum (T, G); y (T, out) written.
+
+# Software prefetch: the kernels ask for the codes PREFETCH_WORDS words ahead (2-4 KiB of
+# a row block) while they decode the current word. Without it, a layer whose codes are not
+# in cache (every layer of a model larger than the cache, in turn) ran 1.5-2.4x slower:
+# the hardware prefetcher did not keep up, and reading and decoding did not overlap
+# (4096x4096 g128 after a 64 MiB copy, 1 thread: cpu 2.4 / 1.5-1.8 / 1.5-2.0 ms without,
+# 1.0 / 1.2 / 1.2 ms with, at 2 / 3 / 4 bits; BENCHMARKS.md).
+PREFETCH_WORDS = 16
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """A hint that element i of arr's buffer (counted from its first element, may lie
+    past its end) will be read soon: LLVM's llvm.prefetch (x86 prefetcht0), which
+    never faults and changes no result."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])     # read, keep in all cache levels, data
+        return context.get_dummy_value()
+    return types.void(arr, types.intp), codegen
+
+
+def lane_geometry(bits, g, G):
+    """(slot, cpw, dtype) of a word of lane_layout: cpw codes, each in `slot` bits
+    (bits rounded up to 1, 2, 4 or 8), cpw = 8 (slots of 1 to 4 bits) or 4 (8 bits)
+    halved until it divides the group size so that every group starts on a word
+    (G == 1: any); dtype the smallest unsigned integer that holds cpw slots (uint8
+    at 1 bit, uint16 at 2, uint32 above). At most 8 codes a word: the kernels' plane
+    loop `for p in range(cpw)` is then unrolled with constant shifts (with 16 codes
+    it was not, and ran 2x slower on 64-bit shifts); power-of-two slots: LLVM then
+    fuses the int16 multiply-adds into VNNI vpdpwssd (at 3, 5, 6, 7-bit spacing it
+    did not)."""
+    slot = 1 << int(np.ceil(np.log2(bits)))
+    cpw = 8 if slot <= 4 else 4
+    while G > 1 and g % cpw:
+        cpw //= 2
+    nbits = cpw * slot
+    return slot, cpw, np.uint8 if nbits <= 8 else np.uint16 if nbits <= 16 else np.uint32
+
+
+def lane_layout(codes, bits, g, G):
+    """The repacked copy of a weight's codes for the lane kernels (see above).
+
+    codes (out, n) uint8 in stored column order. Returns wl (nblocks, nw, LANES)
+    of lane_geometry's dtype, slot and cpw. Columns are padded with code 0 to G*g
+    (or to whole words when G == 1), rows with code 0 to whole blocks; x is padded
+    with zeros to match, so padding adds nothing. Memory (groups of a multiple of 8):
+    the packed size at 1, 2, 4, 8 bits, 4/3 of it at 3 and 6 bits, 8/5 at 5, 8/7 at 7
+    (plus padding).
     """
-    out, nb = qw.shape
-    T, n = x.shape
-    G = s.shape[1]
-    M = np.int32((1 << bits) - 1)
-    for r in prange(out):
-        row = qw[r]
-        for t in range(T):
-            acc = np.float32(0.0)
-            for gi in range(G):
-                c0 = gi * g
-                c1 = min(n, c0 + g)
-                a = np.float32(0.0)
+    out, n = codes.shape
+    slot, cpw, dtype = lane_geometry(bits, g, G)
+    ncol = G * g if G > 1 else -(-n // cpw) * cpw
+    nblk = -(-out // LANES)
+    c = np.zeros((nblk * LANES, ncol), np.uint32)
+    c[:out, :n] = codes
+    c = c.reshape(nblk * LANES, ncol // cpw, cpw)
+    w = np.zeros(c.shape[:2], np.uint32)
+    for p in range(cpw):
+        w |= c[:, :, p] << np.uint32(slot * p)
+    return np.ascontiguousarray(w.reshape(nblk, LANES, -1).transpose(0, 2, 1).astype(dtype)), slot, cpw
+
+
+def lane_params(v, out):
+    """(out, G) per-row scales or zeros -> (nblocks, G, LANES) float32, padded with 0."""
+    nblk = -(-out // LANES)
+    p = np.zeros((nblk * LANES, v.shape[1]), np.float32)
+    p[:out] = v
+    return np.ascontiguousarray(p.reshape(nblk, LANES, -1).transpose(0, 2, 1))
+
+
+@njit(cache=True)
+def stored_x(x2, perm, ncol, G):
+    """One call that prepares x for the lane kernels (per call, few numpy operations:
+    on a small layer each costs more than the product once the caches are cold).
+
+    Returns xs (T, ncol) f32, x in stored column order (x2[:, perm] with act-order;
+    perm empty = none), zero from column n on, and xsum (T, G) f32, the sums
+    X[t, g] = Σ_{c in g} xs[t, c] over groups of ncol // G columns (in float64,
+    rounded once)."""
+    T, n = x2.shape
+    xs = np.zeros((T, ncol), np.float32)
+    for t in range(T):
+        for c in range(n):
+            xs[t, c] = x2[t, perm[c]] if perm.shape[0] > 0 else x2[t, c]
+    gs = ncol // G
+    xsum = np.empty((T, G), np.float32)
+    for t in range(T):
+        for gi in range(G):
+            acc = 0.0
+            for c in range(gi * gs, gi * gs + gs):
+                acc += xs[t, c]
+            xsum[t, gi] = acc
+    return xs, xsum
+
+
+@njit(cache=True)
+def int16_activations(xs, G, hw, hb, cpw):
+    """Quantize x per activation block to int16 with one float scale per block.
+
+    xs (T, G*hw*cpw) f32 in stored column order, zero-padded (stored_x). Group g's
+    columns are cut into blocks of hb*cpw columns from the group's start (the last
+    one of a group shorter), so no block straddles a group; over block j:
+        sx_j = max_{c in j} |x_c| / 32767,  xq_c = round(x_c / sx_j) in [-32767, 32767],
+    and x̃_c = sx_j xq_c is the activation the integer kernel multiplies by. Returns
+    xq (T, ncol) int16, sx (T, G * blocks per group) f32 and xtsum (T, G) f32,
+    X̃_g = Σ_{c in g} x̃_c (in float64, rounded once), so that the zero point sees the
+    same x̃ as the codes. |x_c - x̃_c| <= sx_j / 2 (plus float32 rounding of the scale).
+    """
+    T, ncol = xs.shape
+    nbg = (hw + hb - 1) // hb                          # blocks per group
+    xq = np.zeros((T, ncol), np.int16)
+    sx = np.empty((T, G * nbg), np.float32)
+    xtsum = np.empty((T, G), np.float32)
+    for t in range(T):
+        for gi in range(G):
+            tot = 0.0
+            for j in range(nbg):
+                c0 = (gi * hw + j * hb) * cpw
+                c1 = min(c0 + hb * cpw, (gi * hw + hw) * cpw)
+                m = np.float32(0.0)
                 for c in range(c0, c1):
-                    a += np.float32(_code_at(row, c, bits, M, nb)) * x[t, c]
-                acc += s[r, gi] * (a - z[r, gi] * xsum[t, gi])
-            y[t, r] = acc
+                    m = max(m, abs(xs[t, c]))
+                sc = np.float32(m / np.float32(32767))
+                sx[t, gi * nbg + j] = sc
+                safe = sc if sc > 0 else np.float32(1.0)
+                for c in range(c0, c1):
+                    v = min(max(np.rint(xs[t, c] / safe), np.float32(-32767)), np.float32(32767))
+                    xq[t, c] = np.int16(v)
+                    tot += np.float64(v) * np.float64(sc)
+            xtsum[t, gi] = tot
+    return xq, sx, xtsum
+
+
+def _uniform_lanes(slot, cpw):
+    """The small-batch kernels for codes in `slot` bits, cpw to a word (lane_geometry):
+    "cpu" (float activations) and "cpu-int" (int16 activations), compiled once per
+    (slot, cpw).
+
+    slot and cpw are closure constants, so the plane loop `for p in range(cpw)` is
+    unrolled with constant shifts and the lane loops have a constant trip count
+    (LANES) that LLVM turns into whole vectors. Numba cannot cache closures on disk:
+    the first product of a new width compiles for a few seconds.
+
+    kernel(wl, s, z, x2, perm, hw, y): wl (nblocks, nw, LANES) words (lane_layout);
+    s, z (nblocks, G, LANES) f32 (lane_params); x2 (T, in) f32; perm (in,) int64 or
+    empty; hw words per group (nw when G == 1); y (T, out) f32 (written). x is
+    prepared (stored_x, int16_activations) inside the same call: on small layers
+    every extra call from Python costs more than the product once caches are cold.
+    kernel.int16(wl, s, z, x2, perm, hw, hb, y) -> False (y untouched) if x has a
+    non-finite value; hb words per activation block.
+    """
+    key = (slot, cpw)
+    if key in _LANE_KERNELS:
+        return _LANE_KERNELS[key]
+    M = np.uint32((1 << slot) - 1)
+    LINE = 64 * 8 // max(8, slot * cpw)             # words of one row block per 64-byte cache line
+
+    @njit(fastmath=_FM)
+    def block_dot(wb, s, z, x, xsum, t, hw, a, yb):
+        """yb[l] = y[t, row l of the block] = Σ_g s_g (Σ_{c in g} q_c x_c - z_g X_g)."""
+        G = s.shape[0]
+        for l in range(LANES):
+            yb[l] = 0.0
+        for gi in range(G):
+            for l in range(LANES):
+                a[l] = 0.0
+            for w in range(gi * hw, gi * hw + hw):
+                for k in range(0, LANES, LINE):                # the word PREFETCH_WORDS ahead
+                    prefetch(wb, (w + PREFETCH_WORDS) * LANES + k)
+                for l in range(LANES):
+                    v = np.uint32(wb[w, l])                    # cpw codes of row l
+                    d = a[l]
+                    for p in range(cpw):                       # x[t, w*cpw + p]: one column, all lanes
+                        d += np.float32(np.int32(v & M)) * x[t, w * cpw + p]
+                        v = np.uint32(v >> np.uint32(slot))    # the next code to the bottom
+                    a[l] = d
+            Xg = xsum[t, gi]
+            for l in range(LANES):
+                yb[l] += s[gi, l] * (a[l] - z[gi, l] * Xg)
+
+    @njit(parallel=True, fastmath=_FM)
+    def kernel(wl, s, z, x2, perm, hw, y):
+        T, out = y.shape
+        x, xsum = stored_x(x2, perm, wl.shape[1] * cpw, s.shape[1])
+        for b in prange(wl.shape[0]):
+            a = np.empty(LANES, np.float32)
+            yb = np.empty(LANES, np.float32)
+            for t in range(T):
+                block_dot(wl[b], s[b], z[b], x, xsum, t, hw, a, yb)
+                for l in range(min(LANES, out - b * LANES)):
+                    y[t, b * LANES + l] = yb[l]
+
+    @njit
+    def block_int(wb, s, z, xq, sx, xtsum, t, hw, hb, a, acc, yb):
+        """yb[l] with int16 activations: per activation block j of group g (hb words,
+        the last one of a group shorter) an exact int32 sum Σ_{c in j} q_c xq_c,
+        scaled once by the block's sx; per group y += s_g (Σ_j sx_j (Σ q xq) - z_g X̃_g).
+
+        Every integer step is cast back to int32 (numba widens int arithmetic to
+        int64, which LLVM does not vectorise as well): |Σ q xq| <= 128 * 255 * 32767
+        < 2^31, so nothing overflows. The int32 multiply of a code (< 256) by an
+        int16 becomes vpmaddwd (VNNI: vpdpwssd)."""
+        G = s.shape[0]
+        nbg = -(-hw // hb)                                  # activation blocks per group
+        for l in range(LANES):
+            yb[l] = 0.0
+        for gi in range(G):
+            for l in range(LANES):
+                acc[l] = 0.0
+            for j in range(nbg):
+                for l in range(LANES):
+                    a[l] = 0
+                w0 = gi * hw + j * hb
+                for w in range(w0, min(w0 + hb, gi * hw + hw)):
+                    for k in range(0, LANES, LINE):
+                        prefetch(wb, (w + PREFETCH_WORDS) * LANES + k)
+                    for l in range(LANES):
+                        v = np.uint32(wb[w, l])
+                        d = np.int32(0)
+                        for p in range(cpw):
+                            d = np.int32(d + np.int32(v & M) * np.int32(xq[t, w * cpw + p]))
+                            v = np.uint32(v >> np.uint32(slot))
+                        a[l] = np.int32(a[l] + d)
+                sc = sx[t, gi * nbg + j]
+                for l in range(LANES):
+                    acc[l] += sc * np.float32(a[l])
+            Xg = xtsum[t, gi]
+            for l in range(LANES):
+                yb[l] += s[gi, l] * (acc[l] - z[gi, l] * Xg)
+
+    @njit(parallel=True)
+    def kernel_int(wl, s, z, x2, perm, hw, hb, y):
+        T, out = y.shape
+        for t in range(T):
+            for c in range(x2.shape[1]):
+                if not np.isfinite(x2[t, c]):
+                    return False
+        x = stored_x(x2, perm, wl.shape[1] * cpw, s.shape[1])[0]
+        xq, sx, xtsum = int16_activations(x, s.shape[1], hw, hb, cpw)
+        for b in prange(wl.shape[0]):
+            a = np.empty(LANES, np.int32)
+            acc = np.empty(LANES, np.float32)
+            yb = np.empty(LANES, np.float32)
+            for t in range(T):
+                block_int(wl[b], s[b], z[b], xq, sx, xtsum, t, hw, hb, a, acc, yb)
+                for l in range(min(LANES, out - b * LANES)):
+                    y[t, b * LANES + l] = yb[l]
+        return True
+
+    kernel.int16 = kernel_int
+    kernel.block_functions = {"float": block_dot, "int16": block_int}   # asm checks
+    _LANE_KERNELS[key] = kernel
+    return kernel
 
 
 @njit(cache=True, parallel=True)
@@ -451,10 +546,12 @@ def _uniform_rows(qw, s, z, perm, r0, r1, bits, g, W):
 
 
 def _uniform_like(q, qw, s, z, perm, bits, g, csr):
-    """Kernel state. mode "units" (groups start on a unit boundary, or one group per
-    row): qw padded with zero bytes to whole units when the row ends inside one (a
-    copy, only for shapes where in * bits is not a multiple of 8 * unit bytes);
-    otherwise mode "bits", the bit-extraction kernel."""
+    """Kernel state. The row-tile decoder of the BLAS path (uniform_rows) reads units
+    in mode "units" (groups start on a unit boundary, or one group per row): qw is
+    padded with zero bytes to whole units when the row ends inside one (a copy, only
+    for shapes where in * bits is not a multiple of 8 * unit bytes); otherwise mode
+    "bits", bit extraction. The small-batch lane kernels' copy ("lanes") is added by
+    _lane_state on the first small-batch product."""
     out, n = q.shape
     ub, cpu = unit_geometry(bits)
     G = s.shape[1]
@@ -494,13 +591,19 @@ def _uniform_state(q):
     return _cached(q, key, build)
 
 
-def _group_sums(xs, g, G):
-    """(T, G) float32 sums of x over each group of g stored columns."""
-    T, n = xs.shape
-    pad = G * g - n
-    if pad:
-        xs = np.concatenate([xs, np.zeros((T, pad), np.float32)], axis=1)
-    return np.ascontiguousarray(xs.reshape(T, G, g).sum(axis=2, dtype=np.float32))
+def _lane_state(st, n):
+    """The lane kernels' copy of a weight (lane_layout), made on its first small-batch
+    product and kept in the kernel state (the BLAS path of large batches never needs it)."""
+    if "lanes" not in st:
+        out = st["s"].shape[0]
+        G = st["s"].shape[1]
+        bits, g = st["bits"], st["g"] if G > 1 else n
+        codes = unpack(st["qw"][:, :packed_nbytes(n, bits)], bits, n)
+        wl, slot, cpw = lane_layout(codes, bits, g, G)
+        st["lanes"] = {"wl": wl, "slot": slot, "cpw": cpw, "hw": wl.shape[1] // G,
+                       "s": lane_params(st["s"], out), "z": lane_params(st["z"], out),
+                       "perm": np.zeros(0, np.int64) if st["perm"] is None else st["perm"]}
+    return st["lanes"]
 
 
 @register("cpu", "uniform", "uniform_sparse", "spqr")
@@ -508,51 +611,14 @@ def uniform_cpu(q, x2):
     st = _uniform_state(q)
     out, n = q.shape
     T = x2.shape[0]
-    xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
-    G = st["s"].shape[1]
-    xsum = _group_sums(xs, st["g"], G)
+    ls = _lane_state(st, n)
     y = np.empty((T, out), np.float32)
-    if st["mode"] == "units":
-        cpu, nu = st["cpu"], st["nu"]
-        if nu * cpu != n:
-            xs = np.concatenate([xs, np.zeros((T, nu * cpu - n), np.float32)], axis=1)
-        xp = np.ascontiguousarray(xs.reshape(T, nu, cpu).transpose(0, 2, 1))   # (T, cpu, nu)
-        _run(_uniform_units(st["bits"], st["h"]), T * out * n, st["qw"], st["s"], st["z"], xp, xsum, y)
-    else:
-        _run(_uniform_bits, T * out * n, st["qw"], st["s"], st["z"], xs, xsum, y, st["bits"], st["g"])
+    _run(_uniform_lanes(ls["slot"], ls["cpw"]), T * out * n, ls["wl"], ls["s"], ls["z"], x2, ls["perm"],
+         ls["hw"], y)
     return add_outliers(y, x2, st["csr"])
 
 
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
-
-
-def int16_activations(xs, cpu, nu, hb, g, G):
-    """Quantize x per activation block to int16 with one float scale per block.
-
-    xs (T, n) f32 in stored column order -> xq (T, cpu, nu) int16 planes (as xp),
-    sx (T, nblocks) f32, xtsum (T, G) f32. Block b spans the hb*cpu stored columns
-    from b*hb*cpu (zero past n):
-        sx_b = max_{c in b} |x_c| / 32767,  xq_c = round(x_c / sx_b) in [-32767, 32767],
-    and x̃_c = sx_b xq_c is the activation the integer kernel multiplies by; xtsum
-    holds X̃_g = Σ_{c in g} x̃_c so that the zero point sees the same x̃ as the codes.
-    |x_c - x̃_c| <= sx_b / 2 (plus float32 rounding of the scale).
-    """
-    T, n = xs.shape
-    A = hb * cpu
-    nblk = -(-nu // hb)
-    xb = np.zeros((T, nblk * A), np.float32)
-    xb[:, :n] = xs
-    xb = xb.reshape(T, nblk, A)                                     # (T, nblocks, A)
-    sx = (np.abs(xb).max(axis=2) / np.float32(32767)).astype(np.float32)
-    safe = np.where(sx > 0, sx, np.float32(1))
-    xq = np.clip(np.rint(xb / safe[:, :, None]), -32767, 32767).astype(np.int16)
-    xt = (xq.astype(np.float64) * sx[:, :, None]).reshape(T, nblk * A)[:, :n]   # x̃ (T, n)
-    pad = G * g - n
-    if pad > 0:
-        xt = np.concatenate([xt, np.zeros((T, pad))], axis=1)
-    xtsum = xt[:, :G * g].reshape(T, G, g).sum(axis=2).astype(np.float32)
-    xq = np.ascontiguousarray(xq.reshape(T, nblk * A)[:, :nu * cpu].reshape(T, nu, cpu).transpose(0, 2, 1))
-    return xq, sx, xtsum
 
 
 @register("cpu-int", "uniform", "uniform_sparse", "spqr")
@@ -560,31 +626,28 @@ def uniform_int_cpu(q, x2):
     """The integer-activation variant of uniform_cpu (kernel "cpu-int").
 
     x is quantized per block of <= INT_BLOCK stored columns (never across a weight
-    group) to int16 with one scale per block (int16_activations); each block's dot
-    product with the codes is exact in int32, float work happens once per block and
-    once per group. The result is the exact product with x̃ instead of x:
+    group: each group cut into blocks from its start) to int16 with one scale per
+    block (int16_activations); each block's dot product with the codes is exact in
+    int32, float work happens once per block and once per group. The result is the
+    exact product with x̃ instead of x:
         y_int[t, r] = Σ_c W_hat[r, c] x̃[t, c]      (up to float32 rounding), so
         |y_int[t, r] - (x Ŵᵀ)[t, r]| <= ½ Σ_c |W_hat[r, c]| sx_{b(c)}
                                          + (B + G + 4) u Σ_c s_{g(c)} (q_c + |z_g|) |x̃_c|
     with B activation blocks per row, G groups and u = 2^-24 (the first term is the
     activation rounding, |x - x̃| <= sx/2; the second the float32 sums over blocks
     and groups, and the int32 -> float32 conversions). Outliers in x widen their own
-    block's sx only. Non-finite x, and layouts without units ("bits" mode), go to
-    the exact kernel.
+    block's sx only. Non-finite x goes to the exact kernel.
     """
     st = _uniform_state(q)
-    if st["mode"] != "units":
-        return uniform_cpu(q, x2)
     out, n = q.shape
     T = x2.shape[0]
-    xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
-    if not np.isfinite(xs).all():
-        return uniform_cpu(q, x2)
-    kern = _uniform_units(st["bits"], st["h"])
-    G = st["s"].shape[1]
-    xq, sx, xtsum = int16_activations(xs, st["cpu"], st["nu"], kern.block_units, st["g"], G)
+    ls = _lane_state(st, n)
+    cpw, hw = ls["cpw"], ls["hw"]
+    hb = min(hw, INT_BLOCK // cpw)                   # words per activation block
     y = np.empty((T, out), np.float32)
-    _run(kern.int16, T * out * n, st["qw"], st["s"], st["z"], xq, sx, xtsum, y)
+    if not _run(_uniform_lanes(ls["slot"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], x2,
+                ls["perm"], hw, hb, y):
+        return uniform_cpu(q, x2)                    # x has NaN or Inf
     return add_outliers(y, x2, st["csr"])
 
 
@@ -598,7 +661,7 @@ def uniform_rows(q, r0, r1):
     if st["mode"] == "units":
         n, nu, cpu = q.shape[1], st["nu"], st["cpu"]
         Ws = np.empty((r1 - r0, nu * cpu), np.float32)         # stored order (+ padding)
-        _uniform_units(st["bits"], st["h"]).rows(st["qw"], st["s"], st["z"], r0, r1, Ws)
+        _unit_rows(st["bits"], st["h"])(st["qw"], st["s"], st["z"], r0, r1, Ws)
         if st["perm"] is None:
             W = Ws[:, :n] if nu * cpu == n else np.ascontiguousarray(Ws[:, :n])
         else:
