@@ -1,59 +1,124 @@
-"""End-to-end decode speed and memory: fp32 HF model vs packed checkpoints.
+"""End-to-end decode speed and memory: fp32 HF model vs packed checkpoints, interleaved.
 
-    PYTHONPATH=. python benchmarks/bench_kernels_decode.py [--tokens 64] [--kernel cpu] MODEL...
+    PYTHONPATH=. python benchmarks/bench_kernels_decode.py [--tokens 32] [--rounds 5]
+        [--kernel cpu] [--no-fuse] [--profile] MODEL...
 
 Each MODEL (an HF folder, a refq packed checkpoint, or "fp32" for the fetched
-SmolLM2) runs in its own subprocess: load, a 16-token prompt, then --tokens
-greedy tokens through the KV cache (one token per forward, i.e. batch-1
-matmuls: the case the LUT/unpack kernels are for). Printed per model:
-decode tokens/s (after the first 4 tokens, which include numba compilation)
-and the peak resident memory of the process (ru_maxrss).
+SmolLM2) is loaded once in its own worker process. A round asks each worker in
+turn (the others wait, idle) to run a 16-token prompt, then --tokens greedy
+tokens through the KV cache (one token per forward, i.e. batch-1 matmuls: the
+case the kernels are for), and to report the decode seconds (prompt excluded).
+The first round also compiles numba's kernels and is not counted. Models are
+thus timed alternately, under the same load, as the GEMV benchmarks time a
+kernel and numpy's fp32 GEMV side by side.
+
+Printed per model: decode tokens/s of its best round, the median over rounds of
+its speed-up over the first model in the same round (rounds are a few seconds
+apart, so a change of load hits both), and the peak resident memory of its
+process (ru_maxrss). --no-fuse runs the products of q/k/v and gate/up one by
+one (llama_np's DecoderLayer.fuse off), for comparison; --base-repo DIR also
+runs every model on another checkout's code (before/after in the same rounds;
+a checkout without DecoderLayer.fuse ignores it); --profile prints the
+cProfile of one more round per model (the functions with the most own time).
 """
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 
-CHILD = r"""
-import json, resource, sys, time
+WORKER = r"""
+import cProfile, io, json, pstats, resource, sys, time
 import numpy as np
 sys.path.insert(0, {repo!r})
 from refq.loading import load_for_inference
 model, tok, folder = load_for_inference({model!r}, kernel={kernel!r})
-prompt = tok.encode("The Jargon File is a glossary of hacker slang. It")[:16]
-cache = model.new_cache(len(prompt) + {tokens} + 1)
-logits = model.forward(np.array(prompt), cache)
-t0 = None
-for i in range({tokens}):
-    if i == 4:
-        t0 = time.perf_counter()
-    nxt = int(np.argmax(logits[-1]))
-    logits = model.forward(np.array([nxt]), cache)
-dt = time.perf_counter() - t0
-print(json.dumps({{"model": {model!r}, "kernel": {kernel!r}, "tokens_per_s": ({tokens} - 4) / dt,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+for layer in model.layers:
+    layer.fuse = {fuse!r}
+prompt = np.array(tok.encode("The Jargon File is a glossary of hacker slang. It")[:16])
+
+def decode(n):
+    cache = model.new_cache(len(prompt) + n + 1)
+    logits = model.forward(prompt, cache)
+    ids = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        ids.append(int(np.argmax(logits[-1])))
+        logits = model.forward(np.array(ids[-1:]), cache)
+    return time.perf_counter() - t0, ids
+
+for line in sys.stdin:
+    cmd, n = line.split()
+    if cmd == "run":
+        dt, ids = decode(int(n))
+        out = {{"seconds": dt, "ids": ids}}
+    elif cmd == "profile":
+        pr = cProfile.Profile()
+        pr.enable()
+        dt, ids = decode(int(n))
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(12)
+        out = {{"seconds": dt, "profile": s.getvalue()}}
+    else:
+        out = {{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
+    print(json.dumps(out), flush=True)
 """
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+")
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--kernel", default="cpu")
+    p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--base-repo", default=None,
+                   help="another refq checkout (e.g. `git archive main` unpacked): every "
+                        "model also runs on its code, as MODEL@base, in the same rounds")
     a = p.parse_args()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for m in a.models:
-        model = None if m == "fp32" else m
-        code = CHILD.format(repo=repo, model=model, kernel=a.kernel, tokens=a.tokens)
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if r.returncode:
-            print(r.stderr[-2000:], file=sys.stderr)
-            continue
-        res = json.loads(r.stdout.strip().splitlines()[-1])
-        res["model"] = m
-        print(json.dumps(res), flush=True)
+    sys.path.insert(0, REPO)
+    from benchmarks.harness import Worker, machine
 
+    runs = [(m, REPO) for m in a.models]
+    if a.base_repo:
+        runs += [(m + "@base", os.path.abspath(a.base_repo)) for m in a.models]
+    workers = []
+    for m, repo in runs:
+        m = m.removesuffix("@base")
+        code = WORKER.format(repo=repo, model=None if m == "fp32" else m, kernel=a.kernel,
+                             fuse=not a.no_fuse)
+        workers.append(Worker([sys.executable, "-c", code]))
+    a.models = [m for m, _ in runs]
+    print(f"# {machine()}; {a.tokens} tokens after a 16-token prompt, kernel {a.kernel}, "
+          f"fuse {'off' if a.no_fuse else 'on'}, {a.rounds} rounds", flush=True)
+    for w in workers:
+        w(f"run {a.tokens}")                                  # warm-up: numba compilation
+    secs = [[] for _ in workers]
+    ids = [None for _ in workers]
+    for _ in range(a.rounds):
+        for i, w in enumerate(workers):
+            r = w(f"run {a.tokens}")
+            secs[i].append(r["seconds"])
+            ids[i] = r["ids"]
+    for m, w, s, t in zip(a.models, workers, secs, ids):
+        ratios = [s0 / si for s0, si in zip(secs[0], s)]
+        rss = w("rss 0")["peak_rss_mb"]
+        res = {"model": m, "kernel": a.kernel, "tokens_per_s": a.tokens / min(s),
+               "tokens_per_s_rounds": [round(a.tokens / x, 2) for x in s],
+               "speedup_vs_first_median": statistics.median(ratios),
+               "same_tokens_as_first": sum(x == y for x, y in zip(t, ids[0])),
+               "peak_rss_mb": rss}
+        print(json.dumps(res), flush=True)
+    if a.profile:
+        for m, w in zip(a.models, workers):
+            print(f"## profile of {m}\n" + w(f"profile {a.tokens}")["profile"], flush=True)
+    for w in workers:
+        w.close()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__":
     main()

@@ -461,7 +461,7 @@ def _uniform_like(q, qw, s, z, perm, bits, g, csr):
         "s": np.ascontiguousarray(s, dtype=np.float32),                 # (out, G)
         "z": np.ascontiguousarray(z, dtype=np.float32),                 # (out, G)
         "perm": None if perm is None else np.asarray(perm).astype(np.int64),
-        "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
+        "shape": (out, n), "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
         "h": (g // cpu if G > 1 else nu) if mode == "units" else 0,     # units per group
         "csr": csr_state(csr),
     }
@@ -498,8 +498,13 @@ def _group_sums(xs, g, G):
 
 @register("cpu", "uniform", "uniform_sparse", "spqr")
 def uniform_cpu(q, x2):
-    st = _uniform_state(q)
-    out, n = q.shape
+    return uniform_apply(_uniform_state(q), x2)
+
+
+def uniform_apply(st, x2):
+    """uniform_cpu with the kernel state st: of one weight, or of weights stacked
+    by rows (uniform_fuse)."""
+    out, n = st["shape"]
     T = x2.shape[0]
     xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
     G = st["s"].shape[1]
@@ -517,6 +522,32 @@ def uniform_cpu(q, x2):
 
 
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
+
+
+@register("fuse", "uniform")
+def uniform_fuse(qs, kernel):
+    """x2 -> x2 [Ŵ_1; Ŵ_2; ...]ᵀ in one kernel call, for uniform weights that share
+    their input (refq.kernels.fuse), or None. Every output row of the uniform
+    kernels is summed on its own (the same unit loop, whatever rows surround it),
+    so the stacked codes, scales and zeros give each weight's rows exactly as its
+    own call does. Needs one layout: the same bits, groups, unit loop and act-order
+    permutation (GPTQ's q/k/v and gate/up share a Hessian, hence perm), and no
+    outliers (their CSR is per weight)."""
+    sts = [_uniform_state(q) for q in qs]
+    a = sts[0]
+    same = ("bits", "g", "mode", "h", "nu", "cpu")
+    for st in sts:
+        if (any(st[k] != a[k] for k in same) or st["shape"][1] != a["shape"][1]
+                or st["mode"] != "units" or st["csr"] is not None
+                or (st["perm"] is None) != (a["perm"] is None)
+                or (a["perm"] is not None and not np.array_equal(st["perm"], a["perm"]))):
+            return None
+    fused = dict(a, shape=(sum(st["shape"][0] for st in sts), a["shape"][1]),
+                 qw=np.concatenate([st["qw"] for st in sts]),
+                 s=np.concatenate([st["s"] for st in sts]),
+                 z=np.concatenate([st["z"] for st in sts]))
+    apply = uniform_int_apply if kernel == "cpu-int" else uniform_apply
+    return lambda x2: apply(fused, x2)
 
 
 def int16_activations(xs, cpu, nu, hb, g, G):
@@ -565,14 +596,18 @@ def uniform_int_cpu(q, x2):
     block's sx only. Non-finite x, and layouts without units ("bits" mode), go to
     the exact kernel.
     """
-    st = _uniform_state(q)
+    return uniform_int_apply(_uniform_state(q), x2)
+
+
+def uniform_int_apply(st, x2):
+    """uniform_int_cpu with the kernel state st (one weight, or stacked: uniform_fuse)."""
     if st["mode"] != "units":
-        return uniform_cpu(q, x2)
-    out, n = q.shape
+        return uniform_apply(st, x2)
+    out, n = st["shape"]
     T = x2.shape[0]
     xs = x2 if st["perm"] is None else np.ascontiguousarray(x2[:, st["perm"]])
     if not np.isfinite(xs).all():
-        return uniform_cpu(q, x2)
+        return uniform_apply(st, x2)
     kern = _uniform_units(st["bits"], st["h"])
     G = st["s"].shape[1]
     xq, sx, xtsum = int16_activations(xs, st["cpu"], st["nu"], kern.block_units, st["g"], G)
