@@ -12,14 +12,18 @@ The first round also compiles numba's kernels and is not counted. Models are
 thus timed alternately, under the same load, as the GEMV benchmarks time a
 kernel and numpy's fp32 GEMV side by side.
 
-Printed per model: decode tokens/s of its best round, the median over rounds of
+A MODEL written PATH@nofuse runs with fusion off (see --no-fuse) next to the
+others. Printed per model: decode tokens/s of its best round, the median over rounds of
 its speed-up over the first model in the same round (rounds are a few seconds
 apart, so a change of load hits both), and the peak resident memory of its
 process (ru_maxrss). --no-fuse runs the products of q/k/v and gate/up one by
 one (llama_np's DecoderLayer.fuse off), for comparison; --base-repo DIR also
 runs every model on another checkout's code (before/after in the same rounds;
-a checkout without DecoderLayer.fuse ignores it); --profile prints the
-cProfile of one more round per model (the functions with the most own time).
+a checkout without DecoderLayer.fuse ignores it); --breakdown times one more
+round per model split into ms per token inside the numba kernels (the compiled
+calls alone), dense GEMVs, the head (final norm + lm_head), and the rest (the
+layer code and the Python around each kernel); --profile prints the cProfile of
+one more round per model (the functions with the most own time).
 """
 import argparse
 import json
@@ -37,15 +41,45 @@ for layer in model.layers:
     layer.fuse = {fuse!r}
 prompt = np.array(tok.encode("The Jargon File is a glossary of hacker slang. It")[:16])
 
-def decode(n):
+def decode(n, at_start=dict):
     cache = model.new_cache(len(prompt) + n + 1)
     logits = model.forward(prompt, cache)
     ids = []
+    at_start()
     t0 = time.perf_counter()
     for i in range(n):
         ids.append(int(np.argmax(logits[-1])))
         logits = model.forward(np.array(ids[-1:]), cache)
     return time.perf_counter() - t0, ids
+
+def breakdown(n):
+    # ms per token inside the numba kernels (cpu._run: the compiled call alone), inside
+    # dense GEMVs (Linear.matmul, lm_head excluded), in the head (final norm + lm_head),
+    # and the rest (llama_np's layer code and the Python around each kernel)
+    import llama_np.model as lm
+    import refq.kernels.cpu as kc
+    acc = {{"kernels": 0.0, "dense_linears": 0.0, "head": 0.0}}
+    def timed(key, f):
+        def g(*args):
+            t = time.perf_counter()
+            r = f(*args)
+            acc[key] += time.perf_counter() - t
+            return r
+        return g
+    run0, lin0, head0 = kc._run, lm.Linear.matmul, model.head
+    dense = timed("dense_linears", lin0)
+    kc._run = timed("kernels", run0)
+    lm.Linear.matmul = lambda self, x: lin0(self, x) if self is model.lm_head else dense(self, x)
+    model.head = timed("head", head0)
+    try:
+        dt, _ = decode(n, lambda: acc.update(dict.fromkeys(acc, 0.0)))      # the prompt not counted
+    finally:
+        kc._run, lm.Linear.matmul = run0, lin0
+        del model.head
+    out = {{k: round(v / n * 1e3, 3) for k, v in acc.items()}}
+    out["total"] = round(dt / n * 1e3, 3)
+    out["rest"] = round(out["total"] - sum(acc.values()) / n * 1e3, 3)
+    return out
 
 for line in sys.stdin:
     cmd, n = line.split()
@@ -60,6 +94,8 @@ for line in sys.stdin:
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(12)
         out = {{"seconds": dt, "profile": s.getvalue()}}
+    elif cmd == "breakdown":
+        out = breakdown(int(n))
     else:
         out = {{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
     print(json.dumps(out), flush=True)
@@ -74,6 +110,7 @@ def main():
     p.add_argument("--kernel", default="cpu")
     p.add_argument("--no-fuse", action="store_true")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--breakdown", action="store_true")
     p.add_argument("--base-repo", default=None,
                    help="another refq checkout (e.g. `git archive main` unpacked): every "
                         "model also runs on its code, as MODEL@base, in the same rounds")
@@ -86,9 +123,9 @@ def main():
         runs += [(m + "@base", os.path.abspath(a.base_repo)) for m in a.models]
     workers = []
     for m, repo in runs:
-        m = m.removesuffix("@base")
-        code = WORKER.format(repo=repo, model=None if m == "fp32" else m, kernel=a.kernel,
-                             fuse=not a.no_fuse)
+        path = m.removesuffix("@base").removesuffix("@nofuse")
+        code = WORKER.format(repo=repo, model=None if path == "fp32" else path, kernel=a.kernel,
+                             fuse=not (a.no_fuse or "@nofuse" in m))
         workers.append(Worker([sys.executable, "-c", code]))
     a.models = [m for m, _ in runs]
     print(f"# {machine()}; {a.tokens} tokens after a 16-token prompt, kernel {a.kernel}, "
@@ -111,6 +148,9 @@ def main():
                "same_tokens_as_first": sum(x == y for x, y in zip(t, ids[0])),
                "peak_rss_mb": rss}
         print(json.dumps(res), flush=True)
+    if a.breakdown:
+        for m, w in zip(a.models, workers):
+            print(json.dumps({"model": m, "ms_per_token": w(f"breakdown {a.tokens}")}), flush=True)
     if a.profile:
         for m, w in zip(a.models, workers):
             print(f"## profile of {m}\n" + w(f"profile {a.tokens}")["profile"], flush=True)
