@@ -1,29 +1,32 @@
 """End-to-end decode speed and memory: fp32 HF model vs packed checkpoints, interleaved.
 
     PYTHONPATH=. python benchmarks/bench_kernels_decode.py [--tokens 32] [--rounds 5]
-        [--kernel cpu] [--no-fuse] [--profile] MODEL...
+        [--kernel cpu] [--no-fuse] [--breakdown] [--profile] [--base-repo DIR] MODEL...
 
 Each MODEL (an HF folder, a refq packed checkpoint, or "fp32" for the fetched
-SmolLM2) is loaded once in its own worker process. A round asks each worker in
-turn (the others wait, idle) to run a 16-token prompt, then --tokens greedy
-tokens through the KV cache (one token per forward, i.e. batch-1 matmuls: the
-case the kernels are for), and to report the decode seconds (prompt excluded).
-The first round also compiles numba's kernels and is not counted. Models are
-thus timed alternately, under the same load, as the GEMV benchmarks time a
-kernel and numpy's fp32 GEMV side by side.
+SmolLM2; PATH@nofuse: that model with fusion off, next to the others) is loaded
+once in its own worker process. A round asks each worker in turn (the others
+wait, idle) to run a 16-token prompt, then --tokens greedy tokens through the KV
+cache (one token per forward, i.e. batch-1 matmuls: the case the kernels are
+for), and to report the decode seconds (prompt excluded). A first round compiles
+numba's kernels and is not counted. Models are thus timed alternately, under the
+same load, as the GEMV benchmarks time a kernel and numpy's fp32 GEMV side by side.
 
-A MODEL written PATH@nofuse runs with fusion off (see --no-fuse) next to the
-others. Printed per model: decode tokens/s of its best round, the median over rounds of
-its speed-up over the first model in the same round (rounds are a few seconds
-apart, so a change of load hits both), and the peak resident memory of its
-process (ru_maxrss). --no-fuse runs the products of q/k/v and gate/up one by
-one (llama_np's DecoderLayer.fuse off), for comparison; --base-repo DIR also
-runs every model on another checkout's code (before/after in the same rounds;
-a checkout without DecoderLayer.fuse ignores it); --breakdown times one more
-round per model split into ms per token inside the numba kernels (the compiled
-calls alone), dense GEMVs, the head (final norm + lm_head), and the rest (the
-layer code and the Python around each kernel); --profile prints the cProfile of
-one more round per model (the functions with the most own time).
+Printed per model: decode tokens/s of its best round, the median over rounds of
+its speed-up over the first model (rounds are seconds apart, so a change of load
+hits both), how many greedy tokens equal the first model's, and the peak
+resident memory of its process (ru_maxrss).
+
+--no-fuse      q/k/v and gate/up one product each (DecoderLayer.fuse off) for all
+--base-repo D  every model also runs on another checkout's code, as MODEL@base
+               (before/after in the same rounds; its speed-ups are over the first
+               model on that code; a checkout without DecoderLayer.fuse ignores it)
+--breakdown    every round also splits its ms per token into: inside the numba
+               kernels (cpu._run: the compiled calls alone), dense GEMVs
+               (Linear.matmul but lm_head), the head (final norm + lm_head), and the
+               rest (llama_np's layer code, the Python around each kernel); printed
+               for the best round (the counters cost ~0.1 us per product)
+--profile      the cProfile of one more round per model (most own time first)
 """
 import argparse
 import json
@@ -57,7 +60,7 @@ def breakdown(n):
     # dense GEMVs (Linear.matmul, lm_head excluded), in the head (final norm + lm_head),
     # and the rest (llama_np's layer code and the Python around each kernel)
     import llama_np.model as lm
-    import refq.kernels.cpu as kc
+    kc = sys.modules.get("refq.kernels.cpu")   # not imported by a dense model (numba: ~45 MB)
     acc = {{"kernels": 0.0, "dense_linears": 0.0, "head": 0.0}}
     def timed(key, f):
         def g(*args):
@@ -66,20 +69,24 @@ def breakdown(n):
             acc[key] += time.perf_counter() - t
             return r
         return g
-    run0, lin0, head0 = kc._run, lm.Linear.matmul, model.head
+    lin0, head0 = lm.Linear.matmul, model.head
     dense = timed("dense_linears", lin0)
-    kc._run = timed("kernels", run0)
+    if kc is not None:
+        run0 = kc._run
+        kc._run = timed("kernels", run0)
     lm.Linear.matmul = lambda self, x: lin0(self, x) if self is model.lm_head else dense(self, x)
     model.head = timed("head", head0)
     try:
-        dt, _ = decode(n, lambda: acc.update(dict.fromkeys(acc, 0.0)))      # the prompt not counted
+        dt, ids = decode(n, lambda: acc.update(dict.fromkeys(acc, 0.0)))    # the prompt not counted
     finally:
-        kc._run, lm.Linear.matmul = run0, lin0
+        lm.Linear.matmul = lin0
+        if kc is not None:
+            kc._run = run0
         del model.head
-    out = {{k: round(v / n * 1e3, 3) for k, v in acc.items()}}
-    out["total"] = round(dt / n * 1e3, 3)
-    out["rest"] = round(out["total"] - sum(acc.values()) / n * 1e3, 3)
-    return out
+    ms = {{k: round(v / n * 1e3, 3) for k, v in acc.items()}}
+    ms["total"] = round(dt / n * 1e3, 3)
+    ms["rest"] = round(ms["total"] - sum(acc.values()) / n * 1e3, 3)
+    return dt, ids, ms
 
 for line in sys.stdin:
     cmd, n = line.split()
@@ -95,7 +102,8 @@ for line in sys.stdin:
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(12)
         out = {{"seconds": dt, "profile": s.getvalue()}}
     elif cmd == "breakdown":
-        out = breakdown(int(n))
+        dt, ids, ms = breakdown(int(n))
+        out = {{"seconds": dt, "ids": ids, "ms_per_token": ms}}
     else:
         out = {{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
     print(json.dumps(out), flush=True)
@@ -130,27 +138,26 @@ def main():
     a.models = [m for m, _ in runs]
     print(f"# {machine()}; {a.tokens} tokens after a 16-token prompt, kernel {a.kernel}, "
           f"fuse {'off' if a.no_fuse else 'on'}, {a.rounds} rounds", flush=True)
+    cmd = "breakdown" if a.breakdown else "run"
     for w in workers:
         w(f"run {a.tokens}")                                  # warm-up: numba compilation
-    secs = [[] for _ in workers]
-    ids = [None for _ in workers]
+    res = [[] for _ in workers]
     for _ in range(a.rounds):
         for i, w in enumerate(workers):
-            r = w(f"run {a.tokens}")
-            secs[i].append(r["seconds"])
-            ids[i] = r["ids"]
-    for m, w, s, t in zip(a.models, workers, secs, ids):
-        ratios = [s0 / si for s0, si in zip(secs[0], s)]
-        rss = w("rss 0")["peak_rss_mb"]
-        res = {"model": m, "kernel": a.kernel, "tokens_per_s": a.tokens / min(s),
-               "tokens_per_s_rounds": [round(a.tokens / x, 2) for x in s],
-               "speedup_vs_first_median": statistics.median(ratios),
-               "same_tokens_as_first": sum(x == y for x, y in zip(t, ids[0])),
-               "peak_rss_mb": rss}
-        print(json.dumps(res), flush=True)
-    if a.breakdown:
-        for m, w in zip(a.models, workers):
-            print(json.dumps({"model": m, "ms_per_token": w(f"breakdown {a.tokens}")}), flush=True)
+            res[i].append(w(f"{cmd} {a.tokens}"))
+    for i, (m, w, rs) in enumerate(zip(a.models, workers, res)):
+        ref = len(runs) // 2 if m.endswith("@base") else 0     # fp32 of the same code, if first
+        secs = [r["seconds"] for r in rs]
+        best = min(range(len(rs)), key=lambda k: secs[k])
+        out = {"model": m, "kernel": a.kernel, "tokens_per_s": a.tokens / secs[best],
+               "tokens_per_s_rounds": [round(a.tokens / x, 2) for x in secs],
+               f"speedup_vs_{a.models[ref]}_median": statistics.median(
+                   r0["seconds"] / r["seconds"] for r0, r in zip(res[ref], rs)),
+               "same_tokens_as_first": sum(x == y for x, y in zip(rs[-1]["ids"], res[ref][-1]["ids"])),
+               "peak_rss_mb": w("rss 0")["peak_rss_mb"]}
+        if a.breakdown:
+            out["ms_per_token_best_round"] = rs[best]["ms_per_token"]
+        print(json.dumps(out), flush=True)
     if a.profile:
         for m, w in zip(a.models, workers):
             print(f"## profile of {m}\n" + w(f"profile {a.tokens}")["profile"], flush=True)
