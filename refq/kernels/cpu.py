@@ -461,6 +461,7 @@ def _uniform_like(q, qw, s, z, perm, bits, g, csr):
         "s": np.ascontiguousarray(s, dtype=np.float32),                 # (out, G)
         "z": np.ascontiguousarray(z, dtype=np.float32),                 # (out, G)
         "perm": None if perm is None else np.asarray(perm).astype(np.int64),
+        "iperm": None if perm is None else np.argsort(perm).astype(np.int64),   # its inverse
         "shape": (out, n), "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
         "h": (g // cpu if G > 1 else nu) if mode == "units" else 0,     # units per group
         "csr": csr_state(csr),
@@ -622,16 +623,16 @@ uniform_int_cpu.blas_min_batch = uniform_cpu.blas_min_batch
 @register("dequant_rows", "uniform", "uniform_sparse", "spqr")
 def uniform_rows(q, r0, r1):
     st = _uniform_state(q)
-    W = np.empty((r1 - r0, q.shape[1]), np.float32)
     if st["mode"] == "units":
         n, nu, cpu = q.shape[1], st["nu"], st["cpu"]
         Ws = np.empty((r1 - r0, nu * cpu), np.float32)         # stored order (+ padding)
         _uniform_units(st["bits"], st["h"]).rows(st["qw"], st["s"], st["z"], r0, r1, Ws)
         if st["perm"] is None:
             W = Ws[:, :n] if nu * cpu == n else np.ascontiguousarray(Ws[:, :n])
-        else:
-            W[:, st["perm"]] = Ws[:, :n]
+        else:               # W[:, perm] = Ws, as a gather (np.take: 3-6x faster than the scatter)
+            W = np.take(Ws, st["iperm"], axis=1)
     else:
+        W = np.empty((r1 - r0, q.shape[1]), np.float32)
         perm = st["perm"] if st["perm"] is not None else np.zeros(0, np.int64)
         _uniform_rows(st["qw"], st["s"], st["z"], perm, r0, r1, st["bits"], st["g"], W)
     if st["csr"] is not None:
