@@ -14,7 +14,8 @@ same load, as the GEMV benchmarks time a kernel and numpy's fp32 GEMV side by si
 
 Printed per model: decode tokens/s of its best round, the median over rounds of
 its speed-up over the first model (rounds are seconds apart, so a change of load
-hits both), how many greedy tokens equal the first model's, and the peak
+hits both), the prompt's time (its best round: one forward of 16 tokens, the
+BLAS path of the kernels), how many greedy tokens equal the first model's, and the peak
 resident memory of its process (ru_maxrss).
 
 --no-fuse      q/k/v and gate/up one product each (DecoderLayer.fuse off) for all
@@ -45,8 +46,11 @@ for layer in model.layers:
 prompt = np.array(tok.encode("The Jargon File is a glossary of hacker slang. It")[:16])
 
 def decode(n, at_start=dict):
+    global prompt_s
     cache = model.new_cache(len(prompt) + n + 1)
+    t0 = time.perf_counter()
     logits = model.forward(prompt, cache)
+    prompt_s = time.perf_counter() - t0
     ids = []
     at_start()
     t0 = time.perf_counter()
@@ -92,7 +96,7 @@ for line in sys.stdin:
     cmd, n = line.split()
     if cmd == "run":
         dt, ids = decode(int(n))
-        out = {{"seconds": dt, "ids": ids}}
+        out = {{"seconds": dt, "ids": ids, "prompt_seconds": prompt_s}}
     elif cmd == "profile":
         pr = cProfile.Profile()
         pr.enable()
@@ -103,7 +107,7 @@ for line in sys.stdin:
         out = {{"seconds": dt, "profile": s.getvalue()}}
     elif cmd == "breakdown":
         dt, ids, ms = breakdown(int(n))
-        out = {{"seconds": dt, "ids": ids, "ms_per_token": ms}}
+        out = {{"seconds": dt, "ids": ids, "ms_per_token": ms, "prompt_seconds": prompt_s}}
     else:
         out = {{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}
     print(json.dumps(out), flush=True)
@@ -153,6 +157,7 @@ def main():
                "tokens_per_s_rounds": [round(a.tokens / x, 2) for x in secs],
                f"speedup_vs_{a.models[ref]}_median": statistics.median(
                    r0["seconds"] / r["seconds"] for r0, r in zip(res[ref], rs)),
+               "prompt_ms_min": round(min(r["prompt_seconds"] for r in rs) * 1e3, 1),
                "same_tokens_as_first": sum(x == y for x, y in zip(rs[-1]["ids"], res[ref][-1]["ids"])),
                "peak_rss_mb": w("rss 0")["peak_rss_mb"]}
         if a.breakdown:
