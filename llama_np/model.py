@@ -22,6 +22,8 @@ quantization code:
     so a quantized weight can replace `layer.linears[name]`;
   * `DecoderLayer.forward(h, pos, on_input=f)` calls f(names, x) with the input
     x (T, in) of each group of linears sharing that input, before using it.
+A linear may also offer `.fuse(others)`: the group's products as one call
+(DecoderLayer.products; refq's packed weights do, see refq.kernels.fuse).
 """
 import math
 

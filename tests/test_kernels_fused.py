@@ -107,3 +107,25 @@ def test_fuse_declines_what_it_cannot_stack():
     S = np.where(rng.random((8, 64)) < 0.1, 1.0, 0.0)
     e, f = group(rng, (8, 8), 64, 4, 16, S=S)
     assert type(e) is UniformSparseWeight and e.fuse([f]) is None
+
+
+def test_fused_follows_tensors_replaced_in_place():
+    """A member's tensors replaced after fusing (its kernel state is rebuilt): the
+    stacked product is rebuilt too, or, when the layouts no longer match, runs one
+    call per weight; either way the same bits as the separate products."""
+    rng = np.random.default_rng(4)
+    qs = group(rng, (24, 16, 8), 64, 3, 32)
+    fused = qs[0].fuse(qs[1:])
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+
+    def check():
+        want = np.concatenate([q.matmul(x) for q in qs], axis=1)
+        np.testing.assert_array_equal(fused.matmul(x), want)
+        W = np.concatenate([q.dequantize() for q in qs]).astype(np.float64)
+        ref = x.astype(np.float64) @ W.T
+        assert np.linalg.norm(want - ref) / np.linalg.norm(ref) < TOL
+    check()
+    qs[1].scales = (qs[1].scales.astype(np.float32) * 2).astype(np.float16)
+    check()
+    qs[2].perm = rng.permutation(64).astype(qs[2].perm.dtype)      # another act-order
+    check()

@@ -525,16 +525,8 @@ def uniform_apply(st, x2):
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
 
 
-@register("fuse", "uniform")
-def uniform_fuse(qs, kernel):
-    """x2 -> x2 [Ŵ_1; Ŵ_2; ...]ᵀ in one kernel call, for uniform weights that share
-    their input (refq.kernels.fuse), or None. Every output row of the uniform
-    kernels is summed on its own (the same unit loop, whatever rows surround it),
-    so the stacked codes, scales and zeros give each weight's rows exactly as its
-    own call does. Needs one layout: the same bits, groups, unit loop and act-order
-    permutation (GPTQ's q/k/v and gate/up share a Hessian, hence perm), and no
-    outliers (their CSR is per weight)."""
-    sts = [_uniform_state(q) for q in qs]
+def _stackable(sts):
+    """Kernel states that one call can run stacked by rows (uniform_fuse)."""
     a = sts[0]
     same = ("bits", "g", "mode", "h", "nu", "cpu")
     for st in sts:
@@ -542,13 +534,38 @@ def uniform_fuse(qs, kernel):
                 or st["mode"] != "units" or st["csr"] is not None
                 or (st["perm"] is None) != (a["perm"] is None)
                 or (a["perm"] is not None and not np.array_equal(st["perm"], a["perm"]))):
-            return None
-    fused = dict(a, shape=(sum(st["shape"][0] for st in sts), a["shape"][1]),
-                 qw=np.concatenate([st["qw"] for st in sts]),
-                 s=np.concatenate([st["s"] for st in sts]),
-                 z=np.concatenate([st["z"] for st in sts]))
+            return False
+    return True
+
+
+@register("fuse", "uniform")
+def uniform_fuse(qs, kernel):
+    """x2 -> x2 [Ŵ_1; Ŵ_2; ...]ᵀ in one kernel call, for uniform weights that share
+    their input (refq.kernels.fuse), or None. Every output row of the uniform
+    kernels is summed on its own (the same unit loop, whatever rows surround it),
+    so the stacked codes, scales and zeros give each weight's rows exactly as its
+    own call does. Needs one layout (_stackable): the same bits, groups, unit loop
+    and act-order permutation (GPTQ's q/k/v and gate/up share a Hessian, hence
+    perm), and no outliers (their CSR is per weight)."""
+    if not _stackable([_uniform_state(q) for q in qs]):
+        return None
     apply = uniform_int_apply if kernel == "cpu-int" else uniform_apply
-    return lambda x2: apply(fused, x2)
+    stacked = {}            # built at the first call (many-token products never call)
+
+    def fused(x2):
+        now = [_uniform_state(q) for q in qs]
+        if not stacked or any(x is not y for x, y in zip(now, stacked["from"])):
+            stacked.clear()                     # first call, or a weight's tensors replaced
+            stacked["from"] = now
+            if _stackable(now):
+                stacked.update(now[0], shape=(sum(st["shape"][0] for st in now), now[0]["shape"][1]),
+                               qw=np.concatenate([st["qw"] for st in now]),
+                               s=np.concatenate([st["s"] for st in now]),
+                               z=np.concatenate([st["z"] for st in now]))
+        if "qw" not in stacked:                 # no longer one layout: one call each
+            return np.concatenate([apply(st, x2) for st in now], axis=1)
+        return apply(stacked, x2)
+    return fused
 
 
 def int16_activations(xs, cpu, nu, hb, g, G):
