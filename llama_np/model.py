@@ -22,8 +22,9 @@ quantization code:
     so a quantized weight can replace `layer.linears[name]`;
   * `DecoderLayer.forward(h, pos, on_input=f)` calls f(names, x) with the input
     x (T, in) of each group of linears sharing that input, before using it.
-A linear may also offer `.fuse(others)`: the group's products as one call
-(DecoderLayer.products; refq's packed weights do, see refq.kernels.fuse).
+A linear may also offer `.fuse(others)`: an object whose `.products(x)` gives
+the group's outputs from one call (DecoderLayer.products; refq's packed weights
+do, see refq.kernels.fuse).
 """
 import math
 
@@ -272,10 +273,7 @@ class DecoderLayer:
         if fused is None:
             ys = [self.linears[n].matmul(x) for n in group]
         else:
-            y, ys, o = fused.matmul(x), [], 0                            # (T, Σ out)
-            for n in group:
-                ys.append(y[:, o:o + self.linears[n].shape[0]])
-                o += self.linears[n].shape[0]
+            ys = fused.products(x)                                       # [(T, out)] per linear
         bs = [self.biases.get(n) for n in group]
         return [y if b is None else y + b for y, b in zip(ys, bs)]
 

@@ -59,9 +59,13 @@ def test_fused_equals_separate_products(name, outs, n, bits, g, perm, sym, kerne
         ref = x.astype(np.float64) @ W.T
         bound = 1e-3 if kernel == "cpu-int" else TOL    # cpu-int: its own stated bound (test_kernels_int)
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < bound
+        # per-weight outputs: the same arrays, split back
+        for yi, q in zip(fused.products(x), qs):
+            np.testing.assert_array_equal(yi, q.matmul(x))
     # leading dimensions as matmul takes them
     x3 = rng.standard_normal((2, 1, n)).astype(np.float32)
     np.testing.assert_array_equal(fused.matmul(x3)[:, 0], fused.matmul(x3[:, 0]))
+    assert [y.shape for y in fused.products(x3)] == [(2, 1, o) for o in outs]
 
 
 def test_fused_kernel_really_runs_once():

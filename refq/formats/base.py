@@ -126,8 +126,9 @@ class QuantizedWeight:
 
     def fuse(self, others):
         """One product for self and `others`, weights that share their input x
-        (llama_np multiplies q/k/v and gate/up so): an object whose .matmul(x) is
-        x [Ŵ_self; Ŵ_others...]ᵀ, or None where the kernels cannot stack them
+        (llama_np multiplies q/k/v and gate/up so): an object whose .products(x)
+        is [x Ŵ_selfᵀ, x Ŵ_otherᵀ...] from one kernel call (.matmul(x): the same,
+        side by side), or None where the kernels cannot stack them
         (refq.kernels.fuse)."""
         from refq.kernels import fuse
         return fuse([self, *others], self.kernel)

@@ -223,8 +223,8 @@ def matmul(q, x, kernel="cpu"):
 
 
 class FusedProduct:
-    """x -> x [Ŵ_1; Ŵ_2; ...]ᵀ (T, Σ out) for weights that share their input x
-    (llama_np's q/k/v and gate/up), made by fuse().
+    """x -> x [Ŵ_1; Ŵ_2; ...]ᵀ for weights that share their input x (llama_np's
+    q/k/v and gate/up), made by fuse(); .products(x) gives the per-weight outputs.
 
     Batches the small-batch kernels take (below every weight's BLAS threshold) run
     `fn`, one kernel call over the stacked packed rows; a row's sum is computed by
@@ -237,13 +237,21 @@ class FusedProduct:
         self.qs, self.fn, self.kernel = list(qs), fn, kernel
         self.shape = (sum(q.shape[0] for q in qs), qs[0].shape[1])
 
-    def matmul(self, x):
+    def products(self, x):
+        """[x Ŵ_iᵀ for each weight] (..., out_i) float32: views of one stacked product
+        for small batches, each weight's own product otherwise."""
         x2, lead = as_input(x, self.shape[1])
         if x2.shape[0] >= min(_cpu_dispatch(q, self.kernel)[2] for q in self.qs):
-            y = np.concatenate([matmul(q, x2, self.kernel) for q in self.qs], axis=1)
-        else:
-            y = self.fn(x2)
-        return y if len(lead) == 1 else y.reshape(lead + (self.shape[0],))
+            return [matmul(q, x, self.kernel) for q in self.qs]
+        y, ys, o = self.fn(x2), [], 0                                 # (T, Σ out)
+        for q in self.qs:
+            ys.append(y[:, o:o + q.shape[0]].reshape(lead + (q.shape[0],)))
+            o += q.shape[0]
+        return ys
+
+    def matmul(self, x):
+        """x (..., in) -> x [Ŵ_1; Ŵ_2; ...]ᵀ (..., Σ out) float32."""
+        return np.concatenate(self.products(x), axis=-1)
 
 
 def fuse(qs, kernel="cpu"):

@@ -550,21 +550,22 @@ def uniform_fuse(qs, kernel):
     if not _stackable([_uniform_state(q) for q in qs]):
         return None
     apply = uniform_int_apply if kernel == "cpu-int" else uniform_apply
-    stacked = {}            # built at the first call (many-token products never call)
+    built = [None]          # (member states, their stacked state or None), from the first call
 
     def fused(x2):
         now = [_uniform_state(q) for q in qs]
-        if not stacked or any(x is not y for x, y in zip(now, stacked["from"])):
-            stacked.clear()                     # first call, or a weight's tensors replaced
-            stacked["from"] = now
+        b = built[0]
+        if b is None or any(x is not y for x, y in zip(now, b[0])):     # a weight's tensors replaced
+            st = None
             if _stackable(now):
-                stacked.update(now[0], shape=(sum(st["shape"][0] for st in now), now[0]["shape"][1]),
-                               qw=np.concatenate([st["qw"] for st in now]),
-                               s=np.concatenate([st["s"] for st in now]),
-                               z=np.concatenate([st["z"] for st in now]))
-        if "qw" not in stacked:                 # no longer one layout: one call each
-            return np.concatenate([apply(st, x2) for st in now], axis=1)
-        return apply(stacked, x2)
+                st = dict(now[0], shape=(sum(t["shape"][0] for t in now), now[0]["shape"][1]),
+                          qw=np.concatenate([t["qw"] for t in now]),
+                          s=np.concatenate([t["s"] for t in now]),
+                          z=np.concatenate([t["z"] for t in now]))
+            b = built[0] = (now, st)        # one assignment: a thread sees an old or a new pair
+        if b[1] is None:                    # no longer one layout: one call each
+            return np.concatenate([apply(t, x2) for t in b[0]], axis=1)
+        return apply(b[1], x2)
     return fused
 
 
