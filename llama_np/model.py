@@ -250,12 +250,14 @@ class DecoderLayer:
     def _fused_product(self, group):
         """The linears of `group` as one product (the first one's .fuse(others):
         refq's packed weights of one layout), or None; rebuilt when a linear of
-        the group is replaced (calibration swaps quantized weights in)."""
+        the group is replaced (calibration swaps quantized weights in) or its
+        .kernel changes."""
         lins = [self.linears[n] for n in group]
+        key = lins + [getattr(lin, "kernel", None) for lin in lins]      # and their kernels
         cached = self._fused.get(group)
-        if cached is None or any(a is not b for a, b in zip(cached[0], lins)):
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
             make = getattr(lins[0], "fuse", None)
-            cached = (lins, None if make is None else make(lins[1:]))
+            cached = (key, None if make is None else make(lins[1:]))
             self._fused[group] = cached
         return cached[1]
 

@@ -342,6 +342,11 @@ def test_fused_decode_equals_one_product_per_linear(tmp_path):
     lq.linears["self_attn.k_proj"] = q
     assert lq._fused_product(LINEAR_GROUPS[0]).qs[1] is q
     np.testing.assert_array_equal(decode(model, True), fused)
+    # a weight switched to another kernel: the group is re-examined too
+    q.kernel = "dequant"
+    assert lq._fused_product(LINEAR_GROUPS[0]) is None
+    q.kernel = "cpu"
+    assert lq._fused_product(LINEAR_GROUPS[0]) is not None
 
 
 def test_no_fusion_when_permutations_differ(tmp_path):
