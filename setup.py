@@ -6,10 +6,14 @@ setup(
     description="Reference implementation of low-bit weight quantization for LLaMA-family models (numpy + numba)",
     packages=find_packages(include=["refq", "refq.*", "llama_np", "llama_np.*"]),
     package_data={"refq": ["kernels/cuda/*.cu", "kernels/cuda/*.cuh"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",         # numba 0.67+
     install_requires=[
         "numpy>=1.24",
-        "numba>=0.58",
+        # the versions under which benchmarks/check_kernels_asm.py found every kernel
+        # loop vectorised (0.67.0 / 0.49.0 and 0.68.1 / 0.50.0); others may compile
+        # the loops to scalar code, 5-20x slower (README, "CPU kernels")
+        "numba>=0.67,<0.69",
+        "llvmlite>=0.49,<0.51",
         "scipy>=1.10",
         "safetensors>=0.4",
         "tokenizers>=0.15",

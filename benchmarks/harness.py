@@ -106,24 +106,30 @@ def layers_npz(a, names, path):
 # ---------------------------------------------------------------------------
 # the official side
 # ---------------------------------------------------------------------------
-class OfficialWorker:
-    """`TORCH_PYTHON script --run-official ARGS` answering one JSON line per request line."""
+class Worker:
+    """A child process (argv) answering one JSON line per request line."""
 
-    def __init__(self, torch_python, script, args):
-        self.p = subprocess.Popen([torch_python, os.path.abspath(script), "--run-official", *args],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def __call__(self, msg):
         self.p.stdin.write(msg + "\n")
         self.p.stdin.flush()
         line = self.p.stdout.readline()
         if not line:
-            raise SystemExit(f"official worker died (exit {self.p.wait()})")
+            raise SystemExit(f"worker died (exit {self.p.wait()})")
         return json.loads(line)
 
     def close(self):
         self.p.stdin.close()
         self.p.wait()
+
+
+class OfficialWorker(Worker):
+    """`TORCH_PYTHON script --run-official ARGS` answering one JSON line per request line."""
+
+    def __init__(self, torch_python, script, args):
+        super().__init__([torch_python, os.path.abspath(script), "--run-official", *args])
 
 
 def add_npz_arguments(ap, layers, out_npz):

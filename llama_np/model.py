@@ -22,6 +22,9 @@ quantization code:
     so a quantized weight can replace `layer.linears[name]`;
   * `DecoderLayer.forward(h, pos, on_input=f)` calls f(names, x) with the input
     x (T, in) of each group of linears sharing that input, before using it.
+A linear may also offer `.fuse(others)`: an object whose `.products(x)` gives
+the group's outputs from one call (DecoderLayer.products; refq's packed weights
+do, see refq.kernels.fuse).
 """
 import math
 
@@ -57,7 +60,9 @@ class Linear:
 
 def rms_norm(x, w, eps):
     """x / sqrt(mean(x²) + eps) · w, per row.  x (T, d), w (d,)."""
-    var = np.mean(x * x, axis=-1, keepdims=True)
+    # np.mean's sum and division, without its Python wrapper (a decode step
+    # normalises 2 x layers single rows): the same float32 values
+    var = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])
     return (x / np.sqrt(var + np.float32(eps))) * w
 
 
@@ -135,6 +140,24 @@ def attention(q, k, v, pos):
     return o.transpose(2, 0, 1, 3).reshape(T, nh * hd)               # (T, nh*hd)
 
 
+def decode_attention(q, k, v):
+    """attention() for ONE query that sees every key (a decode step: the query is
+    the last position of the cache), without the mask and the copies.
+
+    q (1, nh, hd); k, v (nkv, S, hd) head-major (the KVCache layout) -> (1, nh*hd).
+    The rep query heads of a key/value head are the rows of one product.
+    """
+    _, nh, hd = q.shape
+    nkv = k.shape[0]
+    qg = q.reshape(nkv, nh // nkv, hd)                               # (nkv, rep, hd)
+    scores = qg @ k.transpose(0, 2, 1)                               # (nkv, rep, S)
+    scores *= np.float32(1.0 / math.sqrt(hd))
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores, out=scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return (p @ v).reshape(1, nh * hd)                               # (nkv, rep, hd) -> (1, nh*hd)
+
+
 ATTN_BLOCK = 64         # queries per block in causal_attention
 
 
@@ -178,12 +201,16 @@ def causal_attention(q, k, v, block=ATTN_BLOCK):
 
 
 class KVCache:
-    """Keys and values of past positions, per layer, preallocated to max_len."""
+    """Keys and values of past positions, per layer, preallocated to max_len.
+
+    Head-major: the keys of one head are consecutive rows, so a decode step's
+    products read k[layer, head, :S] (S, hd) in place (decode_attention).
+    """
 
     def __init__(self, cfg, max_len):
-        shape = (cfg.num_hidden_layers, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)    # (L, max_len, n_kv, hd)
-        self.v = np.zeros(shape, np.float32)    # (L, max_len, n_kv, hd)
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)    # (L, n_kv, max_len, hd)
+        self.v = np.zeros(shape, np.float32)    # (L, n_kv, max_len, hd)
         self.max_len = max_len
         self.length = 0                         # positions filled so far
 
@@ -214,14 +241,47 @@ class DecoderLayer:
         if cfg.attention_bias:
             for n in LINEAR_GROUPS[0]:
                 self.biases[n] = get(n + ".bias", (shapes[n][0],))
+        self._fused = {}            # group -> (its linears, their fused product or None)
 
-    def _linear(self, name, x):
-        y = self.linears[name].matmul(x)
-        b = self.biases.get(name)
-        return y if b is None else y + b
+    # Multiply the linears of a group (same input) as one stacked weight where
+    # they allow it (see products); False: always one product per linear.
+    fuse = True
 
-    def forward(self, h, pos, cache=None, on_input=None):
-        """One decoder layer.  h (T, d) float32; pos (T,) absolute positions.
+    def _fused_product(self, group):
+        """The linears of `group` as one product (the first one's .fuse(others):
+        refq's packed weights of one layout), or None; rebuilt when a linear of
+        the group is replaced (calibration swaps quantized weights in) or its
+        .kernel changes."""
+        lins = [self.linears[n] for n in group]
+        key = lins + [getattr(lin, "kernel", None) for lin in lins]      # and their kernels
+        cached = self._fused.get(group)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            make = getattr(lins[0], "fuse", None)
+            cached = (key, None if make is None else make(lins[1:]))
+            self._fused[group] = cached
+        return cached[1]
+
+    def products(self, group, x):
+        """[x Wᵀ (+ b) for each linear W of `group`], the linears sharing the input x.
+
+        Where they can be multiplied as ONE stacked weight [W_1; W_2; ...] (e.g.
+        GPTQ's q/k/v and gate/up: same packed layout, and the same act-order
+        permutation since they share a Hessian), one product, split back by
+        columns: the per-call work around a kernel is paid once, not per linear.
+        Each output row is the same as its own product's. Dense linears: one
+        product each (a stacked copy of memory-mapped weights would cost memory).
+        """
+        fused = self._fused_product(group) if self.fuse and len(group) > 1 else None
+        if fused is None:
+            ys = [self.linears[n].matmul(x) for n in group]
+        else:
+            ys = fused.products(x)                                       # [(T, out)] per linear
+        bs = [self.biases.get(n) for n in group]
+        return [y if b is None else y + b for y, b in zip(ys, bs)]
+
+    def forward(self, h, pos, cache=None, on_input=None, rope=None):
+        """One decoder layer.  h (T, d) float32; pos (T,) absolute positions;
+        rope: (cos, sin) = rope_cos_sin(self.inv_freq, pos) if already computed.
 
         With a cache, the new keys/values are written at cache rows pos and
         attention sees all positions < pos[-1] + 1 (pos must continue the cache).
@@ -234,31 +294,35 @@ class DecoderLayer:
         a = rms_norm(h, self.input_norm, cfg.rms_norm_eps)               # (T, d)
         if on_input is not None:
             on_input(LINEAR_GROUPS[0], a)
-        q = self._linear("self_attn.q_proj", a).reshape(T, nh, hd)
-        k = self._linear("self_attn.k_proj", a).reshape(T, nkv, hd)
-        v = self._linear("self_attn.v_proj", a).reshape(T, nkv, hd)
-        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        q, k, v = self.products(LINEAR_GROUPS[0], a)
+        q, k, v = q.reshape(T, nh, hd), k.reshape(T, nkv, hd), v.reshape(T, nkv, hd)
+        cos, sin = rope_cos_sin(self.inv_freq, pos) if rope is None else rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:   # keys at the queries' positions: blocks, the masked half skipped
             o = causal_attention(q, k, v)                                # (T, nh*hd)
         else:
-            cache.k[self.index, pos] = k
-            cache.v[self.index, pos] = v
+            kc, vc = cache.k[self.index], cache.v[self.index]            # (nkv, max_len, hd)
+            kc[:, pos] = k.transpose(1, 0, 2)
+            vc[:, pos] = v.transpose(1, 0, 2)
             S = int(pos[-1]) + 1
-            k, v = cache.k[self.index, :S], cache.v[self.index, :S]      # (S, nkv, hd)
-            o = attention(q, k, v, pos)                                  # (T, nh*hd)
+            k, v = kc[:, :S], vc[:, :S]                                  # (nkv, S, hd)
+            if T == 1:      # a decode step: one query, every key visible
+                o = decode_attention(q, k, v)                            # (1, nh*hd)
+            else:
+                o = attention(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), pos)
         if on_input is not None:
             on_input(LINEAR_GROUPS[1], o)
-        h = h + self._linear("self_attn.o_proj", o)
+        h = h + self.products(LINEAR_GROUPS[1], o)[0]
 
         # --- SwiGLU MLP ---
         m = rms_norm(h, self.post_norm, cfg.rms_norm_eps)                # (T, d)
         if on_input is not None:
             on_input(LINEAR_GROUPS[2], m)
-        g = silu(self._linear("mlp.gate_proj", m)) * self._linear("mlp.up_proj", m)  # (T, ff)
+        gate, up = self.products(LINEAR_GROUPS[2], m)
+        g = silu(gate) * up                                              # (T, ff)
         if on_input is not None:
             on_input(LINEAR_GROUPS[3], g)
-        return h + self._linear("mlp.down_proj", g)
+        return h + self.products(LINEAR_GROUPS[3], g)[0]
 
 
 class Llama:
@@ -305,8 +369,9 @@ class Llama:
             raise ValueError(f"KV cache holds {cache.max_len} positions, "
                              f"needs {pos[-1] + 1}")
         h = self.embed(ids)
+        rope = rope_cos_sin(self.layers[0].inv_freq, pos)               # the same for every layer
         for layer in self.layers:
-            h = layer.forward(h, pos, cache)
+            h = layer.forward(h, pos, cache, rope=rope)
         if cache is not None:
             cache.length = start + len(ids)
         return self.head(h)

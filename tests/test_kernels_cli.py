@@ -108,7 +108,12 @@ def test_bench_kernels_json(capsys):
         assert 0 < r["ms_min"] <= r["ms"] and r["speedup_vs_blas_min"] > 0
     import numba
     assert res["numba"] == numba.__version__ and res["isa"] and res["cpu"]
-    assert "ISA:" in err and "load average" in err
+    assert "ISA:" in err and "load average" in err and f"ISA: {res['isa']}" in err
+    # each row: effective GB/s on the packed bytes next to the measured copy bandwidth
+    rows_out = [ln for ln in err.splitlines() if "GB/s packed, copy" in ln]
+    assert len(rows_out) == len(rows)
+    for ln, r in zip(rows_out, rows):
+        assert f"copy {r['copy_gbps']:5.1f} GB/s" in ln
 
 
 @pytest.mark.parametrize("args,what", [

@@ -175,6 +175,19 @@ def test_lut_row_tiles_equal_dequantize_exactly():
             assert np.array_equal(fn(q, r0, r1), W[r0:r1])
 
 
+def test_uniform_row_tiles_equal_dequantize_exactly():
+    """The uniform tile decoder (the BLAS path and prefill_weight) is W_hat itself,
+    also with act-order (stored columns put back in place by the inverse perm) and
+    rows that end inside a unit."""
+    from refq.kernels.cpu import uniform_rows
+    rng = np.random.default_rng(6)
+    for q in (uniform(rng, 37, 160, 3, 32, perm=True), uniform(rng, 21, 77, 3, None, perm=True),
+              uniform(rng, 30, 128, 2, 64, sym=True, perm=True), uniform(rng, 17, 100, 3, 32)):
+        W = q.dequantize()
+        for r0, r1 in ((0, q.shape[0]), (0, 1), (5, 17), (q.shape[0] - 3, q.shape[0])):
+            assert np.array_equal(uniform_rows(q, r0, r1), W[r0:r1])
+
+
 def test_integer_exact():
     """Identity input gives W_hat exactly; {0,1} codes with integer x sum exactly."""
     rng = np.random.default_rng(2)

@@ -250,6 +250,112 @@ def test_kv_cache_matches_full_forward(tmp_path, kw):
         model.forward(ids[:1], cache=cache)                      # the cache is full
 
 
+# =========================================================================== decode step
+def test_decode_attention_equals_attention():
+    """The one-query path against attention() (the spec, with its mask) and a float64 loop."""
+    from llama_np.model import attention, decode_attention
+    rng = np.random.default_rng(7)
+    for nh, nkv, hd, S in ((4, 2, 8, 1), (9, 3, 64, 37), (6, 6, 16, 5)):
+        q = rng.standard_normal((1, nh, hd)).astype(np.float32)
+        k = rng.standard_normal((S, nkv, hd)).astype(np.float32) * 2
+        v = rng.standard_normal((S, nkv, hd)).astype(np.float32)
+        # head-major views of a bigger buffer, as the KV cache holds them
+        kc = np.zeros((nkv, S + 3, hd), np.float32)
+        vc = np.zeros((nkv, S + 3, hd), np.float32)
+        kc[:, :S], vc[:, :S] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+        got = decode_attention(q, kc[:, :S], vc[:, :S])
+        spec = attention(q, k, v, np.array([S - 1]))
+        assert got.shape == spec.shape == (1, nh * hd)
+        np.testing.assert_allclose(got, spec, rtol=0, atol=1e-6)
+        want = np.zeros((nh, hd))
+        for h in range(nh):
+            kv = h // (nh // nkv)
+            sc = k[:, kv].astype(np.float64) @ q[0, h].astype(np.float64) / math.sqrt(hd)
+            p = np.exp(sc - sc.max())
+            want[h] = (p / p.sum()) @ v[:, kv].astype(np.float64)
+        np.testing.assert_allclose(got[0], want.reshape(-1), rtol=0, atol=2e-6)
+
+
+def test_rms_norm_same_values_as_np_mean():
+    """rms_norm's sum-and-divide is np.mean's: the same float32 bits."""
+    from llama_np.model import rms_norm
+    rng = np.random.default_rng(8)
+    for shape in ((1, 576), (5, 64), (2, 3, 100), (1, 7)):
+        x = (rng.standard_normal(shape) * rng.choice([1e-3, 1, 30], shape)).astype(np.float32)
+        w = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+        old = (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(1e-5))) * w
+        np.testing.assert_array_equal(rms_norm(x, w, 1e-5), old)
+
+
+def _packed_tiny(tmp_path, shared_perm=True):
+    """A tiny model whose seven linears are 3-bit g16 uniform weights (random codes),
+    q/k/v and gate/up each sharing one act-order permutation (as GPTQ's do)."""
+    from refq.formats.uniform import UniformWeight
+    folder = str(tmp_path / "packed")
+    write_tiny_checkpoint(folder, hidden=64, heads=4, kv_heads=2, ff=96, attention_bias=True)
+    model = load_model(folder)
+    rng = np.random.default_rng(9)
+    for layer in model.layers:
+        for grp in LINEAR_GROUPS:
+            n = layer.linears[grp[0]].shape[1]
+            perm = rng.permutation(n)
+            for name in grp:
+                out = layer.linears[name].shape[0]
+                layer.linears[name] = UniformWeight.from_codes(
+                    rng.integers(0, 8, (out, n)), rng.random((out, n // 16)) * 0.05 + 0.01,
+                    rng.integers(0, 8, (out, n // 16)), 3, 16, False,
+                    perm if shared_perm else rng.permutation(n))
+    return folder, model
+
+
+def test_fused_decode_equals_one_product_per_linear(tmp_path):
+    """A decode through the KV cache with q/k/v and gate/up fused: the same logits
+    (bits) as one product per linear, and close to the dense model of the
+    dequantized weights (an independent computation)."""
+    from llama_np import Linear
+    from refq.kernels import FusedProduct
+    folder, model = _packed_tiny(tmp_path)
+    layer = model.layers[0]
+    assert isinstance(layer._fused_product(LINEAR_GROUPS[0]), FusedProduct)
+    assert isinstance(layer._fused_product(LINEAR_GROUPS[2]), FusedProduct)
+    dense = load_model(folder)
+    for ld, lq in zip(dense.layers, model.layers):
+        for n, q in lq.linears.items():
+            ld.linears[n] = Linear(q.dequantize())
+    ids = ids_for(12)
+
+    def decode(m, fuse):
+        for lay in m.layers:
+            lay.fuse = fuse
+        cache = m.new_cache(len(ids))
+        return np.concatenate([m.forward(ids[:4], cache)]
+                              + [m.forward(ids[t:t + 1], cache) for t in range(4, len(ids))])
+    fused, sep = decode(model, True), decode(model, False)
+    np.testing.assert_array_equal(fused, sep)
+    ref = decode(dense, True)
+    np.testing.assert_allclose(fused, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    # a linear replaced (as calibration swaps weights in): the group is re-examined
+    lq = model.layers[0]
+    q = lq.linears["self_attn.k_proj"]
+    lq.linears["self_attn.k_proj"] = Linear(q.dequantize())
+    assert lq._fused_product(LINEAR_GROUPS[0]) is None
+    lq.linears["self_attn.k_proj"] = q
+    assert lq._fused_product(LINEAR_GROUPS[0]).qs[1] is q
+    np.testing.assert_array_equal(decode(model, True), fused)
+    # a weight switched to another kernel: the group is re-examined too
+    q.kernel = "dequant"
+    assert lq._fused_product(LINEAR_GROUPS[0]) is None
+    q.kernel = "cpu"
+    assert lq._fused_product(LINEAR_GROUPS[0]) is not None
+
+
+def test_no_fusion_when_permutations_differ(tmp_path):
+    _, model = _packed_tiny(tmp_path, shared_perm=False)
+    assert all(model.layers[0]._fused_product(g) is None for g in LINEAR_GROUPS[::2])
+    dense_linear = load_model(str(tmp_path / "packed")).layers[0]
+    assert dense_linear._fused_product(LINEAR_GROUPS[0]) is None      # dense: one product each
+
+
 # =========================================================================== hooks
 @pytest.fixture
 def layer_setup(tmp_path):

@@ -124,6 +124,15 @@ class QuantizedWeight:
         from refq.kernels import matmul
         return matmul(self, x, kernel or self.kernel)
 
+    def fuse(self, others):
+        """One product for self and `others`, weights that share their input x
+        (llama_np multiplies q/k/v and gate/up so): an object whose .products(x)
+        is [x Ŵ_selfᵀ, x Ŵ_otherᵀ...] from one kernel call (.matmul(x): the same,
+        side by side), or None where the kernels cannot stack them
+        (refq.kernels.fuse)."""
+        from refq.kernels import fuse
+        return fuse([self, *others], self.kernel)
+
     def prefill_weight(self):
         """The dense W_hat (out, in) float32 that many-token products multiply by
         (llama_np.batched: a layer's products over many windows), decoded once;

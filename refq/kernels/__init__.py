@@ -24,6 +24,10 @@ format's kernel is one decorated function:
     @register("dequant_rows", "myformat")     # optional: the large-batch path
     def myformat_rows(q, r0, r1):    # -> W_hat[r0:r1] (r1 - r0, in) float32
 
+    @register("fuse", "myformat")             # optional: weights sharing an input
+    def myformat_fuse(qs, kernel):   # -> fn(x2) = x2 [W_hat_1; W_hat_2; ...].T, or None
+        return fn                    # (llama_np's q/k/v, gate/up: fuse(), FusedProduct)
+
 A format without a "cpu" kernel runs through "dequant" (and says so in
 `kernel_for(q, "cpu")`). Inputs are checked here, once, for every backend:
 x must be a real floating array (float16/float64 are converted, a strided
@@ -46,7 +50,8 @@ BLAS_MIN_BATCH = 12
 # Rows per dequantized tile on the BLAS path: about 4 MB of float32 per tile.
 TILE_FLOATS = 1 << 20
 
-_REGISTRY = {"cpu": {}, "cpu-int": {}, "gpu": {}, "dequant_rows": {}}
+_REGISTRY = {"cpu": {}, "cpu-int": {}, "gpu": {}, "dequant_rows": {}, "fuse": {}}
+_CPU_LOADED = False     # refq.kernels.cpu imported (its kernels registered)
 
 
 def register(backend, *formats):
@@ -63,8 +68,10 @@ def register(backend, *formats):
 
 def _load_backend(backend):
     """Import the module that registers the kernels of `backend`."""
-    if backend in ("cpu", "cpu-int", "dequant_rows"):
+    global _CPU_LOADED
+    if backend in ("cpu", "cpu-int", "dequant_rows", "fuse"):
         import refq.kernels.cpu  # noqa: F401  (registers on import)
+        _CPU_LOADED = True
     elif backend == "gpu":
         import refq.kernels.gpu  # noqa: F401
 
@@ -96,6 +103,9 @@ def check_kernel(kernel):
 
 def as_input(x, n_in):
     """x (..., in) -> (x2 (T, in) float32 C-contiguous, leading shape)."""
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == n_in
+            and x.shape[0] > 0 and x.flags.c_contiguous):
+        return x, x.shape[:1]               # already what the kernels take (a decode step's x)
     if getattr(x, "__cuda_array_interface__", None) is not None:
         raise RefqError("matmul: x is a GPU array; use kernel='gpu' or pass a numpy array")
     x = np.asarray(x)
@@ -169,6 +179,21 @@ def prefill_weight(q, kernel="cpu"):
         numba.set_num_threads(before)
 
 
+def _cpu_dispatch(q, kernel):
+    """(fn, rows_fn, min_batch) of q for "cpu" / "cpu-int": its small-batch kernel
+    (or None), its tile decoder (or None) and the batch from which the tile +
+    BLAS path runs."""
+    if not _CPU_LOADED:
+        _load_backend("cpu")
+    fmt = q.FORMAT
+    fn = _REGISTRY["cpu"].get(fmt)
+    if kernel == "cpu-int":
+        fn = _REGISTRY["cpu-int"].get(fmt, fn)
+    min_batch = getattr(fn, "blas_min_batch", None)
+    min_batch = BLAS_MIN_BATCH if min_batch is None else min(BLAS_MIN_BATCH, min_batch(q))
+    return fn, _REGISTRY["dequant_rows"].get(fmt), min_batch
+
+
 def matmul(q, x, kernel="cpu"):
     """x (..., in) -> x @ q.dequantize().T  (..., out) float32, by `kernel`."""
     if kernel not in KERNELS:
@@ -180,17 +205,10 @@ def matmul(q, x, kernel="cpu"):
     x2, lead = as_input(x, n)
     T = x2.shape[0]
     if kernel in ("cpu", "cpu-int"):
-        _load_backend("cpu")
-        fmt = q.FORMAT
-        rows_fn = _REGISTRY["dequant_rows"].get(fmt)
-        fn = _REGISTRY["cpu"].get(fmt)
-        if kernel == "cpu-int":
-            fn = _REGISTRY["cpu-int"].get(fmt, fn)
-        min_batch = getattr(fn, "blas_min_batch", None)
-        min_batch = BLAS_MIN_BATCH if min_batch is None else min(BLAS_MIN_BATCH, min_batch(q))
+        fn, rows_fn, min_batch = _cpu_dispatch(q, kernel)
         if rows_fn is not None and T >= min_batch:
             y = blas_matmul(q, x2, rows_fn)
-        elif T >= BLAS_MIN_BATCH and fmt in _REGISTRY["cpu"]:
+        elif T >= BLAS_MIN_BATCH and fn is not None:
             # large batch (e.g. a 512-token calibration or eval window) and no tiled
             # decoder: dequantize once for this product (not kept) and use BLAS; a
             # LUT kernel re-reads the codes per token and is far slower here
@@ -201,4 +219,52 @@ def matmul(q, x, kernel="cpu"):
             y = dequant_matmul(q, x2)
     else:
         y = dequant_matmul(q, x2)
-    return y.reshape(lead + (out,))
+    return y if len(lead) == 1 else y.reshape(lead + (out,))
+
+
+class FusedProduct:
+    """x -> x [Ŵ_1; Ŵ_2; ...]ᵀ for weights that share their input x (llama_np's
+    q/k/v and gate/up), made by fuse(); .products(x) gives the per-weight outputs.
+
+    Batches the small-batch kernels take (below every weight's BLAS threshold) run
+    `fn`, one kernel call over the stacked packed rows; a row's sum is computed by
+    the same code as in its own weight's call, so the outputs are the same bits as
+    the separate products (tests/test_kernels_fused.py). Larger batches: each
+    weight's own matmul, the outputs side by side.
+    """
+
+    def __init__(self, qs, fn, kernel):
+        self.qs, self.fn, self.kernel = list(qs), fn, kernel
+        self.shape = (sum(q.shape[0] for q in qs), qs[0].shape[1])
+
+    def products(self, x):
+        """[x Ŵ_iᵀ for each weight] (..., out_i) float32: views of one stacked product
+        for small batches, each weight's own product otherwise."""
+        x2, lead = as_input(x, self.shape[1])
+        if x2.shape[0] >= min(_cpu_dispatch(q, self.kernel)[2] for q in self.qs):
+            return [matmul(q, x, self.kernel) for q in self.qs]
+        y, ys, o = self.fn(x2), [], 0                                 # (T, Σ out)
+        for q in self.qs:
+            ys.append(y[:, o:o + q.shape[0]].reshape(lead + (q.shape[0],)))
+            o += q.shape[0]
+        return ys
+
+    def matmul(self, x):
+        """x (..., in) -> x [Ŵ_1; Ŵ_2; ...]ᵀ (..., Σ out) float32."""
+        return np.concatenate(self.products(x), axis=-1)
+
+
+def fuse(qs, kernel="cpu"):
+    """A FusedProduct of the weights qs (same format and input width, all with
+    this `kernel`), or None where their format has no "fuse" function or the
+    function declines (layouts that differ: see e.g. cpu.uniform_fuse)."""
+    if kernel not in ("cpu", "cpu-int") or len(qs) < 2:
+        return None
+    first = qs[0]
+    if any(type(q) is not type(first) or getattr(q, "kernel", kernel) != kernel
+           or q.shape[1] != first.shape[1] for q in qs):
+        return None
+    _load_backend("cpu")
+    make = _REGISTRY["fuse"].get(first.FORMAT)
+    fn = None if make is None else make(qs, kernel)
+    return None if fn is None else FusedProduct(qs, fn, kernel)

@@ -192,7 +192,8 @@ def run(formats, shapes, batches, kernel="cpu", repeat=7, seed=0, log=None):
                 rows.append(r)
                 if log:
                     log(f"{fmt:15s} {r['shape']:>11s} T={T:<3d} {r['ms']:9.3f} ms "
-                        f"{r['gbps']:7.2f} GB/s ({r['fraction_of_copy']:.2f} of copy) | "
+                        f"{r['gbps']:7.2f} GB/s packed, copy {r['copy_gbps']:5.1f} GB/s "
+                        f"({r['fraction_of_copy']:.2f} of it) | "
                         f"fp32 BLAS {r['blas_fp32_ms']:8.3f} ms -> x{r['speedup_vs_blas']:.2f} "
                         f"(min: {r['ms_min']:.3f} vs {r['blas_fp32_ms_min']:.3f} ms -> "
                         f"x{r['speedup_vs_blas_min']:.2f})")

@@ -565,7 +565,8 @@ def _uniform_like(q, qw, s, z, perm, bits, g, csr):
         "s": np.ascontiguousarray(s, dtype=np.float32),                 # (out, G)
         "z": np.ascontiguousarray(z, dtype=np.float32),                 # (out, G)
         "perm": None if perm is None else np.asarray(perm).astype(np.int64),
-        "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
+        "iperm": None if perm is None else np.argsort(perm).astype(np.int64),   # its inverse
+        "shape": (out, n), "g": g, "bits": bits, "cpu": cpu, "nu": nu, "mode": mode,
         "h": (g // cpu if G > 1 else nu) if mode == "units" else 0,     # units per group
         "csr": csr_state(csr),
     }
@@ -608,8 +609,13 @@ def _lane_state(st, n):
 
 @register("cpu", "uniform", "uniform_sparse", "spqr")
 def uniform_cpu(q, x2):
-    st = _uniform_state(q)
-    out, n = q.shape
+    return uniform_apply(_uniform_state(q), x2)
+
+
+def uniform_apply(st, x2):
+    """uniform_cpu with the kernel state st: of one weight, or of weights stacked
+    by rows (uniform_fuse)."""
+    out, n = st["shape"]
     T = x2.shape[0]
     ls = _lane_state(st, n)
     y = np.empty((T, out), np.float32)
@@ -619,6 +625,51 @@ def uniform_cpu(q, x2):
 
 
 uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured crossover
+
+
+def _stackable(sts):
+    """Kernel states that one call can run stacked by rows (uniform_fuse)."""
+    a = sts[0]
+    same = ("bits", "g", "mode", "h", "nu", "cpu")
+    for st in sts:
+        if (any(st[k] != a[k] for k in same) or st["shape"][1] != a["shape"][1]
+                or st["mode"] != "units" or st["csr"] is not None
+                or (st["perm"] is None) != (a["perm"] is None)
+                or (a["perm"] is not None and not np.array_equal(st["perm"], a["perm"]))):
+            return False
+    return True
+
+
+@register("fuse", "uniform")
+def uniform_fuse(qs, kernel):
+    """x2 -> x2 [Ŵ_1; Ŵ_2; ...]ᵀ in one kernel call, for uniform weights that share
+    their input (refq.kernels.fuse), or None. Every output row of the uniform
+    kernels is summed on its own (the same unit loop, whatever rows surround it),
+    so the stacked codes, scales and zeros give each weight's rows exactly as its
+    own call does. Needs one layout (_stackable): the same bits, groups, unit loop
+    and act-order permutation (GPTQ's q/k/v and gate/up share a Hessian, hence
+    perm), and no outliers (their CSR is per weight)."""
+    if not _stackable([_uniform_state(q) for q in qs]):
+        return None
+    apply = uniform_int_apply if kernel == "cpu-int" else uniform_apply
+    built = [None]          # (member states, their stacked state or None), from the first call
+
+    def fused(x2):
+        now = [_uniform_state(q) for q in qs]
+        b = built[0]
+        if b is None or any(x is not y for x, y in zip(now, b[0])):     # a weight's tensors replaced
+            st = None
+            if _stackable(now):
+                base = {k: v for k, v in now[0].items() if k != "lanes"}   # not its lane copy
+                st = dict(base, shape=(sum(t["shape"][0] for t in now), now[0]["shape"][1]),
+                          qw=np.concatenate([t["qw"] for t in now]),
+                          s=np.concatenate([t["s"] for t in now]),
+                          z=np.concatenate([t["z"] for t in now]))
+            b = built[0] = (now, st)        # one assignment: a thread sees an old or a new pair
+        if b[1] is None:                    # no longer one layout: one call each
+            return np.concatenate([apply(t, x2) for t in b[0]], axis=1)
+        return apply(b[1], x2)
+    return fused
 
 
 @register("cpu-int", "uniform", "uniform_sparse", "spqr")
@@ -638,8 +689,12 @@ def uniform_int_cpu(q, x2):
     and groups, and the int32 -> float32 conversions). Outliers in x widen their own
     block's sx only. Non-finite x goes to the exact kernel.
     """
-    st = _uniform_state(q)
-    out, n = q.shape
+    return uniform_int_apply(_uniform_state(q), x2)
+
+
+def uniform_int_apply(st, x2):
+    """uniform_int_cpu with the kernel state st (one weight, or stacked: uniform_fuse)."""
+    out, n = st["shape"]
     T = x2.shape[0]
     ls = _lane_state(st, n)
     cpw, hw = ls["cpw"], ls["hw"]
@@ -647,7 +702,7 @@ def uniform_int_cpu(q, x2):
     y = np.empty((T, out), np.float32)
     if not _run(_uniform_lanes(ls["slot"], cpw).int16, T * out * n, ls["wl"], ls["s"], ls["z"], x2,
                 ls["perm"], hw, hb, y):
-        return uniform_cpu(q, x2)                    # x has NaN or Inf
+        return uniform_apply(st, x2)                 # x has NaN or Inf
     return add_outliers(y, x2, st["csr"])
 
 
@@ -657,16 +712,16 @@ uniform_int_cpu.blas_min_batch = uniform_cpu.blas_min_batch
 @register("dequant_rows", "uniform", "uniform_sparse", "spqr")
 def uniform_rows(q, r0, r1):
     st = _uniform_state(q)
-    W = np.empty((r1 - r0, q.shape[1]), np.float32)
     if st["mode"] == "units":
         n, nu, cpu = q.shape[1], st["nu"], st["cpu"]
         Ws = np.empty((r1 - r0, nu * cpu), np.float32)         # stored order (+ padding)
         _unit_rows(st["bits"], st["h"])(st["qw"], st["s"], st["z"], r0, r1, Ws)
         if st["perm"] is None:
             W = Ws[:, :n] if nu * cpu == n else np.ascontiguousarray(Ws[:, :n])
-        else:
-            W[:, st["perm"]] = Ws[:, :n]
+        else:               # W[:, perm] = Ws, as a gather (np.take: 3-6x faster than the scatter)
+            W = np.take(Ws, st["iperm"], axis=1)
     else:
+        W = np.empty((r1 - r0, q.shape[1]), np.float32)
         perm = st["perm"] if st["perm"] is not None else np.zeros(0, np.int64)
         _uniform_rows(st["qw"], st["s"], st["z"], perm, r0, r1, st["bits"], st["g"], W)
     if st["csr"] is not None:
