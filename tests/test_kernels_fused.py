@@ -133,3 +133,15 @@ def test_fused_follows_tensors_replaced_in_place():
     check()
     qs[2].perm = rng.permutation(64).astype(qs[2].perm.dtype)      # another act-order
     check()
+
+
+def test_fused_after_member_products():
+    """Members already multiplied on their own (each holds its own lane copy of the
+    codes in its kernel state) fuse into the right stacked product, not the first
+    member's copy."""
+    rng = np.random.default_rng(5)
+    qs = group(rng, (64, 32, 32), 128, 3, 64)
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    sep = np.concatenate([q.matmul(x) for q in qs], axis=1)
+    fused = qs[0].fuse(qs[1:])
+    np.testing.assert_array_equal(fused.matmul(x), sep)
