@@ -190,6 +190,27 @@ def unit_geometry(bits):
     return L // 8, L // bits
 
 
+_UNIT_READERS = {}      # ub -> (word, its integer type)
+
+
+def _unit_reader(ub):
+    """(word, WT): word(row, u) reads unit u of a packed row (ub bytes, see unit_geometry)
+    as one little-endian integer of type WT (int32 for units of <= 3 bytes, <= 24 bits;
+    int64 for 5 and 7 bytes). Shared by the uniform row tiles and the row_lut kernel."""
+    if ub not in _UNIT_READERS:
+        WT = np.int32 if ub <= 3 else np.int64
+
+        @njit(inline="always")
+        def word(row, u):
+            i = u * ub
+            v = WT(row[i])
+            for j in range(1, ub):
+                v |= WT(row[i + j]) << WT(8 * j)
+            return v
+        _UNIT_READERS[ub] = (word, WT)
+    return _UNIT_READERS[ub]
+
+
 def _unit_rows(bits, h):
     """Row-tile decoder for groups of h whole units (see unit_geometry), compiled once
     per (bits, h): rows(qw, s, z, r0, r1, W) writes W (r1-r0, nu*cpu) = W_hat[r0:r1]
@@ -202,16 +223,7 @@ def _unit_rows(bits, h):
         return _UNIT_KERNELS[key]
     ub, cpu = unit_geometry(bits)
     mask = (1 << bits) - 1
-    WT = np.int32 if ub <= 3 else np.int64          # a unit is <= 24 bits, or 40 / 56
-
-    @njit(inline="always")
-    def word(row, u):
-        """Unit u of a packed row as one little-endian integer (ub bytes)."""
-        i = u * ub
-        v = WT(row[i])
-        for j in range(1, ub):
-            v |= WT(row[i + j]) << WT(8 * j)
-        return v
+    word, WT = _unit_reader(ub)
 
     @njit(parallel=True)
     def rows(qw, s, z, r0, r1, W):
@@ -1037,17 +1049,8 @@ def _row_lut(bits):
         return _ROW_LUT_KERNELS[bits]
     ub, cpu = unit_geometry(bits)
     mask = (1 << bits) - 1
-    WT = np.int32 if ub <= 3 else np.int64          # a unit is <= 24 bits, or 40 / 56
+    word, WT = _unit_reader(ub)
     H = ROW_LUT_CHUNK[ub]
-
-    @njit(inline="always")
-    def word(row, u):
-        """Unit u of a packed row as one little-endian integer (ub bytes)."""
-        i = u * ub
-        v = WT(row[i])
-        for j in range(1, ub):
-            v |= WT(row[i + j]) << WT(8 * j)
-        return v
 
     @njit(fastmath=_FM)
     def row_dot(row, L, xp, t):
