@@ -116,6 +116,44 @@ def test_shipped_suite_is_small_and_complete():
     assert with_neutral == set(spec.NEUTRAL)
 
 
+INT_FORMATS = ("uniform", "uniform_sparse", "spqr")      # the formats with a "cpu-int" kernel
+
+
+def int8_activation_product(q, x2):
+    """A wrong integer kernel: x rounded to int8 per token (127 levels) instead of int16
+    per block, then multiplied exactly."""
+    x64 = np.asarray(x2, np.float64)
+    m = np.abs(x64).max(axis=1, keepdims=True) / 127
+    xt = np.rint(x64 / np.where(m > 0, m, 1)) * m
+    return (xt @ np.asarray(q.dequantize(), np.float64).T).astype(np.float32)
+
+
+def test_shipped_suite_verifies_with_cpu_int(monkeypatch):
+    """`refq golden verify --kernel cpu-int`: y of the integer-activation kernel within the
+    exact y tolerance plus its own derived bound (spec.y_int_tolerance), on every case with
+    a uniform-like format; a kernel that rounds x to int8 instead fails those cases, and the
+    exact tolerance alone is too tight for the real int kernel (the bound is needed)."""
+    cases = {c["name"]: c for c in shipped_manifest()["cases"]
+             if c["format"]["format"] in INT_FORMATS and c["method"] in registered()}
+    assert len(cases) >= 5
+    res = verify(SHIPPED, cases=list(cases), kernel="cpu-int", tiers=["decode"])
+    assert {n for n, r in res.items() if r["ok"]} == set(cases)
+    for r in res.values():
+        assert "int16-activation bound" in r["tiers"]["decode"]["checks"]["y"]["msg"]
+
+    monkeypatch.setattr(spec, "y_int_tolerance", lambda x, W, A: 0.0)
+    exact_only = verify(SHIPPED, cases=list(cases), kernel="cpu-int", tiers=["decode"])
+    assert any(not r["ok"] for r in exact_only.values())
+    monkeypatch.undo()
+
+    import refq.kernels as K
+    K._load_backend("cpu")
+    for fmt in INT_FORMATS:
+        monkeypatch.setitem(K._REGISTRY["cpu-int"], fmt, int8_activation_product)
+    wrong = verify(SHIPPED, cases=list(cases), kernel="cpu-int", tiers=["decode"])
+    assert all(not r["ok"] for r in wrong.values())
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq", "claq", "quantease", "spqr", "squeezellm",
                                     "aqlm", "slim-quant", "slim", "wanda", "sparsegpt",
                                     "magnitude"])

@@ -2,7 +2,7 @@
 
     refq golden write DIR [--methods M ...] [--model PATH | --no-real] [--force]
     refq golden verify DIR [--impl MODULE[:NAME]] [--tier decode|steps|e2e ...]
-                           [--kernel cpu|dequant|gpu] [--methods M ...] [--cases NAME ...] [--json]
+                           [--kernel cpu|cpu-int|dequant|gpu] [--methods M ...] [--cases NAME ...] [--json]
 
 The package (GOLDEN.md has the full specification):
   spec.py    what a porter reads: inputs, cases, the neutral form, tolerances, e2e bands

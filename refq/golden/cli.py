@@ -27,8 +27,9 @@ def add_commands(sub):
                    "MODULE:FUNCTION names a quantize function")
     v.add_argument("--tier", nargs="+", choices=spec.TIERS, metavar="TIER",
                    help="tiers to check: decode, steps, e2e (default: all)")
-    v.add_argument("--kernel", choices=("cpu", "gpu", "dequant"), default="cpu",
-                   help="kernel that computes y with refq (default cpu)")
+    v.add_argument("--kernel", choices=("cpu", "cpu-int", "gpu", "dequant"), default="cpu",
+                   help="kernel that computes y with refq (default cpu; cpu-int is checked "
+                   "within its own int16-activation bound on top of y's)")
     v.add_argument("--methods", nargs="+", metavar="M", help="only these methods")
     v.add_argument("--cases", nargs="+", metavar="NAME", help="only these cases")
     v.add_argument("--json", action="store_true", help="print the results as one JSON object")

@@ -278,6 +278,45 @@ def y_tolerance(x, W_hat, tau):
     return 2 * gamma(n + 1) * (ax @ np.abs(np.asarray(W_hat, np.float64)).T) + ax @ tau.T
 
 
+def int_magnitude(q):
+    """A[r, c] = |s| (q_c + |z|) (float64, input-column order) of a weight that the "cpu-int"
+    kernel runs (uniform, uniform_sparse, spqr), or None for the other formats (they run
+    the exact "cpu" kernel under that name). The int kernel's float work (int32 block sums
+    scaled, summed over blocks, then s (Σ - z X̃) per group) handles terms of this size."""
+    f = q.FORMAT
+    if f in ("uniform", "uniform_sparse"):
+        d = neutral_fields(q)
+        gi = d["g_idx"].astype(np.int64)
+        return np.abs(d["scales"][:, gi].astype(np.float64)) * (
+            d["codes"] + np.abs(d["zeros"][:, gi].astype(np.float64)))
+    if f == "spqr":                                    # codes, scales, zeros in stored order
+        codes = q.codes().astype(np.float64)
+        gi = np.arange(codes.shape[1]) // q.group_size
+        A = np.abs(q.scales()[:, gi].astype(np.float64)) * (codes + np.abs(q.zeros()[:, gi]))
+        perm = q.fields.get("perm")
+        if perm is not None:                           # stored column k is original perm[k]
+            A2 = np.empty_like(A)
+            A2[:, perm.astype(np.int64)] = A
+            A = A2
+        return A
+    return None
+
+
+def y_int_tolerance(x, W_hat, A):
+    """What the "cpu-int" kernel may add to y's error (refq.kernels.cpu.uniform_int_cpu):
+    it multiplies x̃ = sx_b round(x / sx_b), x rounded to int16 per block b of columns with
+    sx_b = max_{c in b} |x_c| / 32767 <= m_t = max_c |x[t, c]| / 32767 (whatever the
+    blocking), so |x - x̃| <= m_t / 2 and |x̃| <= |x| + m_t / 2; its integer sums are exact
+    and its float work (B blocks + G groups <= 2n sums, conversions) is bounded by
+    (2n + 4) u Σ_c A_rc |x̃_c|:
+        ½ m_t Σ_c |Ŵ_rc|  +  (2n + 4) u Σ_c A_rc (|x_tc| + m_t / 2)."""
+    ax = np.abs(np.asarray(x, np.float64))
+    n = ax.shape[1]
+    m = ax.max(axis=1, keepdims=True) / 32767.0                       # (T, 1)
+    aW = np.abs(np.asarray(W_hat, np.float64))
+    return 0.5 * m * aW.sum(axis=1)[None, :] + (2 * n + 4) * U32 * ((ax + m / 2) @ A.T)
+
+
 def loss_rounding(W, W_hat, H):
     """Float64 rounding of trace(E H Eᵀ) computed two ways (ours and a port's): 2 γ_{2n+1}
     Σ |E| |H| |E|."""

@@ -169,8 +169,9 @@ def tier_decode(case, ref, x, impl, kernel):
         tau = spec.what_tolerance(mag, k)
     else:
         tau = np.zeros(ref_W.shape)              # refq decodes its own format exactly
+    q = None
     if impl is None:
-        got_W, got_y = _refq_decode(case, ref, x, kernel)
+        got_W, got_y, q = _refq_decode(case, ref, x, kernel)
         if dec is not None:
             checks["neutral"] = _within("neutral W_hat", dec[0], ref_W, tau,
                                         "float32 rounding bound of the neutral formula")
@@ -195,8 +196,12 @@ def tier_decode(case, ref, x, impl, kernel):
                                      "loss tolerance derived from W_hat's")
     if got_y is not None:
         ytol = spec.y_tolerance(x, ref_W, tau)
-        checks["y"] = _within("y", got_y, ref["y"], ytol,
-                              "dot-product bound 2 gamma_n sum |x||W_hat|")
+        what = "dot-product bound 2 gamma_n sum |x||W_hat|"
+        A = spec.int_magnitude(q) if kernel == "cpu-int" and q is not None else None
+        if A is not None:
+            ytol = ytol + spec.y_int_tolerance(x, ref_W, A)
+            what += " + the int16-activation bound of kernel cpu-int"
+        checks["y"] = _within("y", got_y, ref["y"], ytol, what)
     return checks
 
 
@@ -204,8 +209,8 @@ def _refq_decode(case, ref, x, kernel):
     from refq.formats.base import load_quantized
     tensors = {k: ref[k] for k in case["fields"]}
     q = load_quantized(tensors, dict(case["format"], method=case["method"], options={}, info={}))
-    return np.asarray(q.dequantize(), np.float32), np.asarray(q.matmul(x, kernel=kernel),
-                                                                 np.float32)
+    return (np.asarray(q.dequantize(), np.float32), np.asarray(q.matmul(x, kernel=kernel), np.float32),
+            q)
 
 
 def _loss(W, W_hat, H):
