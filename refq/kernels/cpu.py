@@ -290,16 +290,19 @@ def prefetch(typingctx, arr, i):
     return types.void(arr, types.intp), codegen
 
 
-# Vector width of the float lane loop. On Intel CPUs with AVX-512 (Skylake-SP to Sapphire
-# Rapids; LLVM names the host "rocketlake" or "sapphirerapids") LLVM's tuning prefers
-# 256-bit vectors ("prefer-vector-width"="256", against the clock drop of 512-bit code on
-# the first AVX-512 chips), so numba vectorises the lane loop on ymm registers: twice the
-# instructions of zmm for the same 64 lanes. The loop is bound by those instructions (per
-# code: a shift, an and, an int -> float conversion and an FMA per vector), not by memory,
-# and with 512-bit vectors the float kernel ran 1.3-1.4x faster (4096x4096 w2-w4,
-# 1 thread, BENCHMARKS.md "Vector width of the float lane kernel"). So block_dot asks for
-# 512-bit vectors for itself only; users' numba settings (NUMBA_CPU_NAME / FEATURES) and
-# every other function keep LLVM's choice. Without AVX-512 the hint changes nothing.
+# Vector width of the float lane loop. numba compiles for the CPU name LLVM guesses for
+# the host, and LLVM's tuning for some of its names prefers 256-bit vectors even when the
+# CPU has AVX-512: with llvmlite 0.50, "rocketlake", the name it gives the Sapphire Rapids
+# virtual machines refq was measured on (skylake-avx512, icelake, tigerlake,
+# sapphirerapids and znver4 already got 512-bit vectors). On ymm registers the lane loop
+# takes twice the instructions of zmm for the same 64 lanes, and it is bound by those
+# instructions (per code and vector: a shift, an and, an int -> float conversion, an FMA),
+# not by memory: with 512-bit vectors the float kernel ran 1.3-1.4x faster (4096x4096
+# w2-w4, 1 thread; BENCHMARKS.md "Vector width of the float lane kernel"). So block_dot
+# asks for 512-bit vectors for itself only; users' numba settings (NUMBA_CPU_NAME /
+# FEATURES) and every other function keep LLVM's choice. Without AVX-512 the hint changes
+# nothing (AVX2 code identical). The int16 kernel keeps LLVM's choice: zmm was not faster
+# there (0.85-1.0 vs 0.83-1.0 ms).
 PREFER_VECTOR_BITS = 512
 
 
