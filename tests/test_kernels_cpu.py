@@ -410,3 +410,24 @@ def test_row_lut_and_spqr():
     for T in (1, 3, 20):
         x = rng.standard_normal((T, 64)).astype(np.float32)
         assert rel(matmul(qs, x), x @ Wq.T) <= TOL
+
+
+def test_float_lane_loop_asks_for_512_bit_vectors():
+    """The float lane kernel's block function carries LLVM's "prefer-vector-width"="512"
+    (refq.kernels.cpu.prefer_vector_width): read back from the LLVM IR numba generated,
+    and, where numba compiles for AVX-512, from the assembly (zmm registers in its FMAs;
+    LLVM's tuning for Intel AVX-512 CPUs gives ymm without the hint). Fails if llvmlite
+    stops accepting the attribute (the hint is then skipped silently)."""
+    import re
+    import llvmlite.binding as llvm
+    import refq.kernels.cpu as kc
+    rng = np.random.default_rng(0)
+    q = uniform(rng, 64, 256, 4, 128)
+    matmul(q, rng.standard_normal((1, 256)).astype(np.float32), "cpu")
+    st = kc._uniform_state(q)
+    fn = kc._uniform_lanes(st["lanes"]["slot"], st["lanes"]["cpw"]).block_functions["float"]
+    assert '"prefer-vector-width"="512"' in "\n".join(fn.inspect_llvm().values())
+    feats = os.environ.get("NUMBA_CPU_FEATURES") or llvm.get_host_cpu_features().flatten()
+    if "+avx512f" in feats.split(","):
+        asm = "\n".join(fn.inspect_asm().values())
+        assert re.search(r"vfmadd\w*ps\s[^\n]*%zmm", asm)

@@ -302,6 +302,37 @@ def prefetch(typingctx, arr, i):
     return types.void(arr, types.intp), codegen
 
 
+# Vector width of the float lane loop. numba compiles for the CPU name LLVM guesses for
+# the host, and LLVM's tuning for some of its names prefers 256-bit vectors even when the
+# CPU has AVX-512: with llvmlite 0.50, "rocketlake", the name it gives the Sapphire Rapids
+# virtual machines refq was measured on (skylake-avx512, icelake, tigerlake,
+# sapphirerapids and znver4 already got 512-bit vectors). On ymm registers the lane loop
+# takes twice the instructions of zmm for the same 64 lanes, and it is bound by those
+# instructions (per code and vector: a shift, an and, an int -> float conversion, an FMA),
+# not by memory: with 512-bit vectors the float kernel ran 1.3-1.4x faster (4096x4096
+# w2-w4, 1 thread; BENCHMARKS.md "Vector width of the float lane kernel"). So block_dot
+# asks for 512-bit vectors for itself only; users' numba settings (NUMBA_CPU_NAME /
+# FEATURES) and every other function keep LLVM's choice. Without AVX-512 the hint changes
+# nothing (AVX2 code identical). The int16 kernel keeps LLVM's choice: zmm was not faster
+# there (0.85-1.0 vs 0.83-1.0 ms).
+PREFER_VECTOR_BITS = 512
+
+
+@intrinsic
+def prefer_vector_width(typingctx):
+    """Sets LLVM's function attribute "prefer-vector-width" to PREFER_VECTOR_BITS on
+    the function that calls it (a code generation hint: the result of every lane is
+    computed by the same operations in the same order, only more lanes per
+    instruction). llvmlite accepts only a fixed list of attribute names, so the
+    attribute is added to its set directly; if that ever fails the hint is skipped."""
+    def codegen(context, builder, signature, args):
+        attrs = builder.function.attributes
+        if isinstance(attrs, set):
+            set.add(attrs, f'"prefer-vector-width"="{PREFER_VECTOR_BITS}"')
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
 def lane_geometry(bits, g, G):
     """(slot, cpw, dtype) of a word of lane_layout: cpw codes, each in `slot` bits
     (bits rounded up to 1, 2, 4 or 8), cpw = 8 (slots of 1 to 4 bits) or 4 (8 bits)
@@ -441,6 +472,7 @@ def _uniform_lanes(slot, cpw):
     @njit(fastmath=_FM)
     def block_dot(wb, s, z, x, xsum, t, hw, a, yb):
         """yb[l] = y[t, row l of the block] = Σ_g s_g (Σ_{c in g} q_c x_c - z_g X_g)."""
+        prefer_vector_width()                                  # zmm on AVX-512 (see above)
         G = s.shape[0]
         for l in range(LANES):
             yb[l] = 0.0
