@@ -185,10 +185,11 @@ def write_tiny_checkpoint(folder, *, model_type="llama", vocab=64, hidden=32, la
     return w
 
 
-def write_tiny_workspace(d, texts, seed=0):
-    """A tiny model in d/model and, for each (file name, n tokens) of texts, a text of n
-    random in-vocabulary tokens in d/name: what a CLI test quantizes and evaluates."""
-    write_tiny_checkpoint(str(d / "model"))
+def write_tiny_workspace(d, texts, seed=0, **checkpoint_kw):
+    """A tiny model in d/model (write_tiny_checkpoint(**checkpoint_kw)) and, for each
+    (file name, n tokens) of texts, a text of n random in-vocabulary tokens in d/name:
+    what a CLI test quantizes and evaluates."""
+    write_tiny_checkpoint(str(d / "model"), **checkpoint_kw)
     rng = np.random.default_rng(seed)
     for name, n in texts:
         (d / name).write_text(tiny_text(rng.integers(2, 64, size=n)) + "\n")

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import tiny_text, write_tiny_checkpoint
+from conftest import write_tiny_workspace
 from refq.api import quantize_weight
 from refq.errors import RefqError
 from refq.fisher import compute_fisher, use_fisher
@@ -61,11 +61,8 @@ def test_fisher_steers_the_kmeans():
 
 def test_cli_fisher(tmp_path, capsys):
     from refq.cli import main
-    folder = str(tmp_path / "tiny")
-    write_tiny_checkpoint(folder)
-    calib = str(tmp_path / "calib.txt")
-    with open(calib, "w") as f:
-        f.write(tiny_text(np.random.default_rng(7).integers(2, 64, size=200)) + "\n")
+    write_tiny_workspace(tmp_path, [("calib.txt", 200)], seed=7)
+    folder, calib = str(tmp_path / "model"), str(tmp_path / "calib.txt")
     got = {}
     for sens in ("fisher", "hessian_diag"):
         out = str(tmp_path / sens)

@@ -672,11 +672,12 @@ uniform_cpu.blas_min_batch = lambda q: 6 if q.bits <= 2 else 12     # measured c
 
 
 def _stackable(sts):
-    """Kernel states that one call can run stacked by rows (uniform_fuse)."""
+    """Kernel states that one lane-kernel call can run stacked by rows (uniform_fuse):
+    the same width, groups and inputs (which fix G and the unit layout), groups on
+    whole units, the same act-order permutation, and no outliers."""
     a = sts[0]
-    same = ("bits", "g", "mode", "h", "nu", "cpu")
     for st in sts:
-        if (any(st[k] != a[k] for k in same) or st["shape"][1] != a["shape"][1]
+        if (st["bits"] != a["bits"] or st["g"] != a["g"] or st["shape"][1] != a["shape"][1]
                 or st["mode"] != "units" or st["csr"] is not None
                 or (st["perm"] is None) != (a["perm"] is None)
                 or (a["perm"] is not None and not np.array_equal(st["perm"], a["perm"]))):
@@ -687,11 +688,11 @@ def _stackable(sts):
 @register("fuse", "uniform")
 def uniform_fuse(qs, kernel):
     """x2 -> x2 [Ŵ_1; Ŵ_2; ...]ᵀ in one kernel call, for uniform weights that share
-    their input (refq.kernels.fuse), or None. Every output row of the uniform
-    kernels is summed on its own (the same unit loop, whatever rows surround it),
-    so the stacked codes, scales and zeros give each weight's rows exactly as its
-    own call does. Needs one layout (_stackable): the same bits, groups, unit loop
-    and act-order permutation (GPTQ's q/k/v and gate/up share a Hessian, hence
+    their input (refq.kernels.fuse), or None. Every output row of the lane
+    kernels is summed in its own lane (the same operations, whatever rows surround
+    it), so the stacked codes, scales and zeros give each weight's rows exactly as
+    its own call does. Needs one layout (_stackable): the same bits, groups on whole
+    units and act-order permutation (GPTQ's q/k/v and gate/up share a Hessian, hence
     perm), and no outliers (their CSR is per weight)."""
     if not _stackable([_uniform_state(q) for q in qs]):
         return None
